@@ -1,0 +1,262 @@
+"""lensmill.evaluate: every metric against scikit-learn and by hand; degenerate inputs; PNG plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from lensmill.evaluate import (
+    compute_metrics,
+    plot_confusion,
+    plot_roc,
+    plot_score_histogram,
+    tpr_at_max_fp,
+)
+from sklearn import metrics as skm
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+EXPECTED_KEYS = {
+    "accuracy", "precision", "recall", "f1", "roc_auc", "pr_auc", "confusion_matrix",
+    "sensitivity", "specificity", "ppv", "npv", "tpr0", "tpr10", "n", "n_pos", "threshold",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def scored() -> tuple[np.ndarray, np.ndarray]:
+    """Fixed overlapping scores with ties (rounded to 2 decimals), 400 objects."""
+    rng = np.random.default_rng(1234)
+    labels = rng.integers(0, 2, size=400)
+    probs = np.clip(0.35 * labels + 0.65 * rng.random(400), 0.0, 1.0).round(2)
+    return labels, probs
+
+
+def _tpr_at_max_fp_via_roc_curve(labels: np.ndarray, probs: np.ndarray, max_fp: int) -> float:
+    """Reference: best TPR among scikit-learn ROC points with at most max_fp false positives."""
+    fpr, tpr, _ = skm.roc_curve(labels, probs, drop_intermediate=False)
+    n_neg = int(np.sum(labels == 0))
+    fp_counts = np.rint(fpr * n_neg)
+    return float(tpr[fp_counts <= max_fp].max())
+
+
+# --- against scikit-learn -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("threshold", [0.3, 0.5, 0.62])
+def test_metrics_match_scikit_learn(scored: tuple[np.ndarray, np.ndarray], threshold: float) -> None:
+    labels, probs = scored
+    m = compute_metrics(labels, probs, threshold=threshold)
+    pred = (probs >= threshold).astype(int)
+    tn, fp, fn, tp = skm.confusion_matrix(labels, pred, labels=[0, 1]).ravel()
+
+    assert set(m) == EXPECTED_KEYS
+    assert m["accuracy"] == pytest.approx(skm.accuracy_score(labels, pred))
+    assert m["precision"] == pytest.approx(skm.precision_score(labels, pred))
+    assert m["recall"] == pytest.approx(skm.recall_score(labels, pred))
+    assert m["f1"] == pytest.approx(skm.f1_score(labels, pred))
+    assert m["roc_auc"] == pytest.approx(skm.roc_auc_score(labels, probs))
+    assert m["pr_auc"] == pytest.approx(skm.average_precision_score(labels, probs))
+    assert m["confusion_matrix"] == {"tn": tn, "fp": fp, "fn": fn, "tp": tp}
+    assert m["sensitivity"] == pytest.approx(skm.recall_score(labels, pred))
+    assert m["specificity"] == pytest.approx(skm.recall_score(labels, pred, pos_label=0))
+    assert m["ppv"] == pytest.approx(skm.precision_score(labels, pred))
+    assert m["npv"] == pytest.approx(skm.precision_score(labels, pred, pos_label=0))
+    assert m["tpr0"] == pytest.approx(_tpr_at_max_fp_via_roc_curve(labels, probs, 0))
+    assert m["tpr10"] == pytest.approx(_tpr_at_max_fp_via_roc_curve(labels, probs, 9))
+    assert (m["n"], m["n_pos"], m["threshold"]) == (400, int(labels.sum()), threshold)
+
+
+def test_tpr_at_max_fp_matches_roc_curve_for_many_budgets(scored: tuple[np.ndarray, np.ndarray]) -> None:
+    labels, probs = scored
+    for max_fp in (0, 1, 2, 5, 9, 10, 50, 1000):
+        assert tpr_at_max_fp(labels, probs, max_fp) == pytest.approx(
+            _tpr_at_max_fp_via_roc_curve(labels, probs, max_fp)
+        ), max_fp
+
+
+def test_metrics_are_plain_python_and_json_serialisable(scored: tuple[np.ndarray, np.ndarray]) -> None:
+    labels, probs = scored
+    m = compute_metrics(labels, probs)
+    for key, value in m.items():
+        if key == "confusion_matrix":
+            assert all(type(v) is int for v in value.values())
+        elif key in ("n", "n_pos"):
+            assert type(value) is int
+        else:
+            assert type(value) is float, key
+    assert json.loads(json.dumps(m)) == m
+
+
+# --- by hand ------------------------------------------------------------------------------------
+
+
+def test_small_case_by_hand() -> None:
+    labels = np.array([1, 1, 1, 0, 0, 0, 0, 1])
+    probs = np.array([0.9, 0.8, 0.4, 0.7, 0.3, 0.2, 0.1, 0.6])
+    m = compute_metrics(labels, probs, threshold=0.5)
+    # Predicted lens: 0.9, 0.8, 0.7 (a non-lens), 0.6 -> tp 3, fp 1; 0.4 is a missed lens.
+    assert m["confusion_matrix"] == {"tn": 3, "fp": 1, "fn": 1, "tp": 3}
+    assert m["accuracy"] == pytest.approx(6 / 8)
+    assert m["precision"] == m["ppv"] == pytest.approx(3 / 4)
+    assert m["recall"] == m["sensitivity"] == pytest.approx(3 / 4)
+    assert m["specificity"] == pytest.approx(3 / 4)
+    assert m["npv"] == pytest.approx(3 / 4)
+    assert m["f1"] == pytest.approx(3 / 4)
+    # (lens, non-lens) pairs ranked right: 0.9 and 0.8 beat all 4; 0.6 and 0.4 beat 3 each -> 14/16.
+    assert m["roc_auc"] == pytest.approx(14 / 16)
+    # Ranked: 0.9 L, 0.8 L, 0.7 N, 0.6 L, 0.4 L -> AP = (1 + 1 + 3/4 + 4/5) / 4.
+    assert m["pr_auc"] == pytest.approx((1 + 1 + 0.75 + 0.8) / 4)
+    # Highest non-lens is 0.7: lenses above it are 0.9 and 0.8.
+    assert m["tpr0"] == pytest.approx(2 / 4)
+    # Only 4 non-lenses (< 10): every lens is found before the tenth false positive.
+    assert m["tpr10"] == 1.0
+    assert (m["n"], m["n_pos"]) == (8, 4)
+
+
+def test_perfect_separation() -> None:
+    labels = np.array([0, 0, 0, 1, 1])
+    probs = np.array([0.0, 0.1, 0.2, 0.9, 1.0])
+    m = compute_metrics(labels, probs)
+    for key in ("accuracy", "precision", "recall", "f1", "roc_auc", "pr_auc", "tpr0", "tpr10"):
+        assert m[key] == 1.0, key
+    assert m["confusion_matrix"] == {"tn": 3, "fp": 0, "fn": 0, "tp": 2}
+
+
+def test_top_scored_object_is_a_non_lens_gives_tpr0_zero() -> None:
+    labels = np.array([0, 1, 1, 1, 0, 0])
+    probs = np.array([0.99, 0.95, 0.9, 0.8, 0.1, 0.05])
+    m = compute_metrics(labels, probs)
+    assert m["tpr0"] == 0.0
+    assert m["tpr10"] == 1.0
+    assert tpr_at_max_fp(labels, probs, 1) == 1.0  # one false positive buys all three lenses
+
+
+def test_tpr0_counts_a_lens_tied_with_the_top_non_lens_as_missed() -> None:
+    # Lens 0.8 ties the highest non-lens 0.8: no threshold keeps it while rejecting that non-lens.
+    labels = np.array([1, 1, 0, 1, 0])
+    probs = np.array([0.9, 0.8, 0.8, 0.3, 0.2])
+    assert tpr_at_max_fp(labels, probs, 0) == pytest.approx(1 / 3)
+    # One false positive allowed: the threshold drops to just above the next non-lens (0.2).
+    assert tpr_at_max_fp(labels, probs, 1) == 1.0
+
+
+def test_all_scores_tied_give_tpr0_zero() -> None:
+    labels = np.array([0, 1] * 6)
+    probs = np.full(12, 0.5)
+    m = compute_metrics(labels, probs)
+    assert m["tpr0"] == 0.0
+    assert m["roc_auc"] == pytest.approx(0.5)
+
+
+def test_tpr10_with_ties_at_the_tenth_non_lens() -> None:
+    # 12 non-lenses: scores 0.99 (x8), then 0.5 (x3: the 9th, 10th, 11th), then 0.01.
+    # Lenses: 1.0 (x2), 0.7 (x2), 0.5 (x2, tied with the tenth non-lens), 0.2 (x2).
+    neg = [0.99] * 8 + [0.5] * 3 + [0.01]
+    pos = [1.0] * 2 + [0.7] * 2 + [0.5] * 2 + [0.2] * 2
+    labels = np.array([0] * len(neg) + [1] * len(pos))
+    probs = np.array(neg + pos)
+    # Fewer than 10 FP: the threshold must sit at or above 0.5 (3 non-lenses at 0.5 would make 11),
+    # so only 8 FP are allowed and the lenses strictly above 0.5 count: 1.0 x2 and 0.7 x2.
+    assert tpr_at_max_fp(labels, probs, 9) == pytest.approx(4 / 8)
+    assert compute_metrics(labels, probs)["tpr10"] == pytest.approx(4 / 8)
+    # Zero FP: only the lenses above 0.99.
+    assert compute_metrics(labels, probs)["tpr0"] == pytest.approx(2 / 8)
+    # 10 FP allowed changes nothing (the three tied non-lenses come as a block of 11)...
+    assert tpr_at_max_fp(labels, probs, 10) == pytest.approx(4 / 8)
+    # ...11 FP allowed puts the threshold just above 0.01: every lens counts.
+    assert tpr_at_max_fp(labels, probs, 11) == 1.0
+
+
+def test_threshold_is_inclusive_and_zero_division_gives_zero() -> None:
+    labels = np.array([0, 1, 0, 1])
+    probs = np.array([0.2, 0.5, 0.1, 0.3])
+    m = compute_metrics(labels, probs, threshold=0.5)
+    assert m["confusion_matrix"] == {"tn": 2, "fp": 0, "fn": 1, "tp": 1}  # 0.5 >= 0.5 is a lens
+    m = compute_metrics(labels, probs, threshold=1.0)  # nothing predicted a lens
+    assert m["confusion_matrix"] == {"tn": 2, "fp": 0, "fn": 2, "tp": 0}
+    assert m["precision"] == m["ppv"] == 0.0
+    assert m["f1"] == 0.0
+    assert m["npv"] == pytest.approx(0.5)
+
+
+def test_boolean_labels_and_python_lists_are_accepted() -> None:
+    m = compute_metrics([False, True, True, False], [0.1, 0.8, 0.6, 0.4])
+    assert m["roc_auc"] == 1.0
+    assert m["n_pos"] == 2
+
+
+# --- degenerate inputs --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("labels", "probs", "match"),
+    [
+        ([1, 1, 1], [0.2, 0.5, 0.9], "single class"),
+        ([0, 0, 0], [0.2, 0.5, 0.9], "single class"),
+        ([0, 1, 1], [0.2, 0.5], "different lengths"),
+        ([], [], "empty"),
+        ([0, 1, 2], [0.2, 0.5, 0.9], "0 \\(non-lens\\) or 1 \\(lens\\)"),
+        ([0, 1, 1], [0.2, math.nan, 0.9], "NaN"),
+        ([0, 1, 1], [0.2, math.inf, 0.9], "NaN/inf"),
+        ([0, 1, 1], [-0.1, 0.5, 0.9], "\\[0, 1\\]"),
+        ([0, 1, 1], [0.1, 0.5, 1.2], "\\[0, 1\\]"),
+        ([[0, 1], [1, 0]], [[0.1, 0.9], [0.8, 0.2]], "1-D"),
+        (["no", "yes"], [0.1, 0.9], "numeric"),
+    ],
+)
+def test_degenerate_inputs_raise_value_error(labels: list, probs: list, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        compute_metrics(np.asarray(labels), np.asarray(probs))
+
+
+def test_bad_threshold_and_budget_raise() -> None:
+    labels, probs = np.array([0, 1]), np.array([0.2, 0.8])
+    with pytest.raises(ValueError, match="threshold"):
+        compute_metrics(labels, probs, threshold=1.5)
+    with pytest.raises(ValueError, match="max_false_positives"):
+        tpr_at_max_fp(labels, probs, -1)
+
+
+# --- plots --------------------------------------------------------------------------------------
+
+
+def _assert_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert len(data) > 1000
+    assert data[:8] == PNG_MAGIC
+
+
+def test_plots_write_png_files(scored: tuple[np.ndarray, np.ndarray], tmp_path: Path) -> None:
+    labels, probs = scored
+    m = compute_metrics(labels, probs)
+    roc = plot_roc(labels, probs, tmp_path / "plots" / "roc.png", title="test ROC")
+    cm = plot_confusion(m, tmp_path / "cm.png")
+    hist = plot_score_histogram(labels, probs, tmp_path / "hist.png", threshold=0.5)
+    assert (roc, cm, hist) == (tmp_path / "plots" / "roc.png", tmp_path / "cm.png", tmp_path / "hist.png")
+    for path in (roc, cm, hist):
+        _assert_png(path)
+
+
+def test_histogram_accepts_a_single_class_but_roc_does_not(tmp_path: Path) -> None:
+    labels, probs = np.zeros(5, dtype=int), np.linspace(0, 1, 5)
+    _assert_png(plot_score_histogram(labels, probs, tmp_path / "hist.png"))
+    with pytest.raises(ValueError, match="single class"):
+        plot_roc(labels, probs, tmp_path / "roc.png")
+
+
+def test_plot_confusion_rejects_metrics_without_a_confusion_matrix(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="confusion_matrix"):
+        plot_confusion({"accuracy": 1.0}, tmp_path / "cm.png")
+
+
+def test_importing_evaluate_loads_neither_matplotlib_nor_ray_nor_mlflow() -> None:
+    code = (
+        "import sys, lensmill.evaluate; "
+        "print(sorted(m for m in ('matplotlib', 'ray', 'mlflow', 'sklearn') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
