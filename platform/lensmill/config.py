@@ -79,6 +79,24 @@ class SimConfig(_Frozen):
     source_e_max: float = Field(0.4, ge=0, lt=1)
     # Source offset from the lens centre, as a fraction of theta_E (inside the caustic -> arcs).
     source_offset_max_frac: float = Field(0.6, ge=0)
+    # Lens centre jitter around the image centre (uniform in a square of this half-width).
+    lens_center_max_arcsec: float = Field(0.1, ge=0)
+    # Colours: magnitude in a band minus the r-band magnitude that lens_mag / source_mag give.
+    # Lens: a red early-type galaxy at z~0.5; source: a blue star-forming galaxy at z~1-2.
+    lens_colors_mag: dict[str, float] = {"u": 2.8, "g": 1.4, "r": 0.0, "i": -0.5, "z": -0.8, "y": -1.0}
+    source_colors_mag: dict[str, float] = {"u": 0.5, "g": 0.2, "r": 0.0, "i": -0.1, "z": -0.2, "y": -0.3}
+
+    @model_validator(mode="after")
+    def _bands_known(self) -> SimConfig:
+        if not self.bands:
+            raise ValueError("bands must name at least one band")
+        if len(set(self.bands)) != len(self.bands):
+            raise ValueError(f"bands must be distinct, got {list(self.bands)}")
+        for band in self.bands:
+            for name in ("lens_colors_mag", "source_colors_mag"):
+                if band not in getattr(self, name):
+                    raise ValueError(f"band {band!r} has no entry in {name}")
+        return self
 
 
 class TrainConfig(_Frozen):
@@ -97,7 +115,10 @@ class TrainConfig(_Frozen):
     torch_threads: int = Field(0, ge=0)
     augment: bool = True
     max_failures: int = Field(1, ge=-1)
+    keep_checkpoints: int = Field(2, ge=1)
     seed: int = 0
+    # Fault drill: raise in the workers at this epoch (first attempt only) to exercise resume.
+    fail_at_epoch: int | None = Field(None, ge=0)
 
 
 class TuneConfig(_Frozen):

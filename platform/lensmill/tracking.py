@@ -1,0 +1,212 @@
+"""The only MLflow caller: runs, metrics, artifacts, and the model registry.
+
+Every call takes the run's ``Config``; the tracking URI is ``cfg.tracking.tracking_uri`` (a server)
+or, when unset, a sqlite store beside the data under a local ``storage.root``. Functions address runs
+by id through ``MlflowClient`` rather than MLflow's global "active run", so they work the same in a
+driver, a Tune trial or a Ray Train worker.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import tempfile
+import time
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from lensmill import __version__
+from lensmill.config import Config
+from lensmill.storage import absolute_uri, is_s3
+
+PIP_REQUIREMENTS = ["lensmill", "torch", "torchvision", "timm", "numpy"]
+
+
+class TrackingError(RuntimeError):
+    """MLflow could not be reached or has no such model; the message says which URI."""
+
+
+def tracking_uri_for(cfg: Config) -> str:
+    if cfg.tracking.tracking_uri:
+        return cfg.tracking.tracking_uri
+    if is_s3(cfg.storage.root):
+        raise TrackingError(
+            "tracking.tracking_uri must be set when storage.root is on S3 "
+            "(a sqlite store cannot live in a bucket); point it at your MLflow server"
+        )
+    root = Path(absolute_uri(cfg.storage.root))
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{root}/mlflow.db"
+
+
+def client(cfg: Config):  # -> mlflow.MlflowClient (import kept lazy: mlflow is slow to import)
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri_for(cfg), registry_uri=tracking_uri_for(cfg))
+
+
+@cache
+def git_sha() -> str:
+    """The commit this code runs from, or "unknown" (e.g. in a Ray job's working_dir without .git)."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def experiment_id(cfg: Config) -> str:
+    """Get or create the experiment; a local store keeps its artifacts under the storage root."""
+    c = client(cfg)
+    try:
+        exp = c.get_experiment_by_name(cfg.tracking.experiment)
+        if exp is not None:
+            return exp.experiment_id
+        location = None
+        if not cfg.tracking.tracking_uri:
+            location = (Path(absolute_uri(cfg.storage.root)) / "mlartifacts").as_uri()
+        return c.create_experiment(cfg.tracking.experiment, artifact_location=location)
+    except Exception as exc:  # MlflowException, connection errors: one clear message
+        if "already exists" in str(exc):  # another process created it meanwhile
+            return c.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+        raise TrackingError(f"cannot reach MLflow at {tracking_uri_for(cfg)}: {exc}") from exc
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{name}."))
+        else:
+            out[name] = str(value)[:500]
+    return out
+
+
+def start_run(
+    cfg: Config, run_name: str, stage: str, dataset_id: str | None = None, params: dict[str, Any] | None = None
+) -> str:
+    """Create a run carrying the full config, its hash, the dataset id and the git sha; returns its id."""
+    from mlflow.entities import Param
+
+    c = client(cfg)
+    tags = {
+        "mlflow.runName": run_name,
+        "lensmill.stage": stage,
+        "lensmill.version": __version__,
+        "config_hash": cfg.hash(),
+        "git_sha": git_sha(),
+        "mlflow.source.git.commit": git_sha(),
+    }
+    if dataset_id:
+        tags["dataset_id"] = dataset_id
+    run = c.create_run(experiment_id(cfg), run_name=run_name, tags=tags)
+    run_id = run.info.run_id
+    flat = _flatten(cfg.model_dump(mode="json"))
+    flat.update({k: str(v) for k, v in (params or {}).items()})
+    items = [Param(k, v) for k, v in sorted(flat.items())]
+    for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+        c.log_batch(run_id, params=items[i : i + 100])
+    log_dict(cfg, run_id, cfg.model_dump(mode="json"), "config.yaml")
+    return run_id
+
+
+def log_metrics(cfg: Config, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [
+        Metric(k, float(v), now, step or 0)
+        for k, v in metrics.items()
+        if isinstance(v, int | float | np.floating | np.integer) and np.isfinite(v)
+    ]
+    if items:
+        client(cfg).log_batch(run_id, metrics=items)
+
+
+def log_dict(cfg: Config, run_id: str, obj: Any, artifact_file: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / artifact_file
+        text = yaml.safe_dump(obj, sort_keys=False) if artifact_file.endswith((".yaml", ".yml")) else None
+        path.write_text(text if text is not None else json.dumps(obj, indent=2, default=float))
+        client(cfg).log_artifact(run_id, str(path))
+
+
+def log_artifacts(cfg: Config, run_id: str, paths: list[Path], artifact_path: str | None = None) -> None:
+    c = client(cfg)
+    for p in paths:
+        c.log_artifact(run_id, str(p), artifact_path)
+
+
+def end_run(cfg: Config, run_id: str, ok: bool = True) -> None:
+    client(cfg).set_terminated(run_id, "FINISHED" if ok else "FAILED")
+
+
+def _pyfunc_model():  # defined lazily so that importing lensmill does not import mlflow
+    import mlflow.pyfunc
+
+    class LensEnsembleModel(mlflow.pyfunc.PythonModel):
+        """``mlflow.pyfunc.load_model(uri).predict(images)`` -> p(lens) per image, images (N, C, H, W)."""
+
+        def load_context(self, context) -> None:
+            from lensmill.predict import EnsemblePredictor
+
+            self.predictor = EnsemblePredictor.load(Path(context.artifacts["ensemble"]))
+
+        def predict(self, context, model_input, params=None):
+            return self.predictor.predict(np.asarray(model_input, dtype=np.float32))["p_lens"]
+
+    return LensEnsembleModel()
+
+
+def register_ensemble(cfg: Config, run_id: str, ensemble_dir: Path) -> dict[str, Any]:
+    """Log the ensemble directory as a pyfunc model in ``run_id``, register it, point the alias at it."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri_for(cfg))
+    mlflow.set_registry_uri(tracking_uri_for(cfg))
+    name = cfg.tracking.registered_model
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="ensemble",
+            python_model=_pyfunc_model(),
+            artifacts={"ensemble": str(ensemble_dir)},
+            pip_requirements=PIP_REQUIREMENTS,
+            registered_model_name=name,
+        )
+    version = str(info.registered_model_version)
+    client(cfg).set_registered_model_alias(name, cfg.tracking.alias, version)
+    return {
+        "name": name,
+        "version": version,
+        "alias": cfg.tracking.alias,
+        "model_uri": f"models:/{name}@{cfg.tracking.alias}",
+        "version_uri": f"models:/{name}/{version}",
+    }
+
+
+def download_champion(cfg: Config, dst_dir: Path) -> dict[str, Any]:
+    """Fetch the ensemble behind ``models:/<name>@<alias>``; returns its local path, name and version."""
+    import mlflow
+
+    name, alias = cfg.tracking.registered_model, cfg.tracking.alias
+    try:
+        mv = client(cfg).get_model_version_by_alias(name, alias)
+    except Exception as exc:
+        raise TrackingError(
+            f"no model {name}@{alias} in the registry at {tracking_uri_for(cfg)} "
+            f"(run `lensmill ensemble` first): {exc}"
+        ) from exc
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(dst_dir), tracking_uri=tracking_uri_for(cfg)
+    )
+    found = sorted(Path(local).rglob("ensemble.json"))
+    if not found:
+        raise TrackingError(f"model {name}/{mv.version} holds no ensemble.json")
+    return {"path": found[0].parent, "name": name, "version": str(mv.version), "run_id": mv.run_id}

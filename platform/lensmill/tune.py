@@ -1,0 +1,96 @@
+"""Ray Tune: search over architecture x learning rate, each trial a Ray Train run (``fit``).
+
+A trial is a small driver function that builds a ``TorchTrainer`` whose reports reach Tune through
+``TuneReportCallback``; ASHA stops weak trials early. Finished trials are the ensemble's candidates.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lensmill import tracking
+from lensmill.config import Config
+from lensmill.storage import StorageError, is_s3, join_uri, locate, read_json, write_json
+from lensmill.train import SUMMARY_FILE, fit, run_name_for, runs_uri
+
+TUNE_FILE = "tune_results.json"
+
+
+def trial_config(base: Config, model: str, lr: float) -> Config:
+    """The base config with one trial's architecture and learning rate."""
+    tree = base.model_dump(mode="json")
+    tree["train"].update(model=model, lr=lr)
+    return Config.model_validate(tree)
+
+
+def _trial(params: dict[str, Any], base: dict[str, Any], parent_run_id: str) -> None:
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    cfg = trial_config(Config.model_validate(base), params["model"], params["lr"])
+    fit(cfg, callbacks=[TuneReportCallback()], parent_run_id=parent_run_id)
+
+
+def tune_results_uri(cfg: Config) -> str:
+    return join_uri(runs_uri(cfg), f"{cfg.name}-tune", TUNE_FILE)
+
+
+def tune_architectures(cfg: Config) -> dict[str, Any]:
+    """Run the search; returns {"trials": [...]} with each finished trial's ``fit`` summary."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    t = cfg.tune
+    parent = tracking.start_run(cfg, f"{cfg.name}-tune", "tune")
+    # Trials whose run finished before (same config) return at once from fit(): the search resumes.
+    runs = locate(runs_uri(cfg), cfg.storage)
+    scheduler = ASHAScheduler(
+        max_t=cfg.train.epochs, grace_period=min(t.grace_period_epochs, cfg.train.epochs), reduction_factor=2
+    )
+    tuner = tune.Tuner(
+        # The trial itself only drives the Train controller and workers: a sliver of a CPU.
+        tune.with_resources(tune.with_parameters(_trial, base=cfg.model_dump(mode="json"), parent_run_id=parent),
+                            {"cpu": 0.1}),
+        param_space={"model": tune.grid_search(list(t.models)), "lr": tune.grid_search(list(t.lrs))},
+        tune_config=tune.TuneConfig(
+            metric=t.metric,
+            mode="max" if t.metric == "val_auc" else "min",
+            scheduler=scheduler,
+            max_concurrent_trials=t.max_concurrent_trials,
+        ),
+        run_config=tune.RunConfig(
+            name=f"{cfg.name}-tune-{cfg.hash()[:8]}",
+            storage_path=runs.path,
+            storage_filesystem=runs.filesystem if is_s3(runs.uri) else None,
+        ),
+    )
+    grid = tuner.fit()
+    trials: list[dict[str, Any]] = []
+    for result in grid:
+        params = result.config
+        name = run_name_for(trial_config(cfg, params["model"], params["lr"]))
+        try:
+            summary = read_json(join_uri(runs_uri(cfg), name, SUMMARY_FILE), cfg.storage)
+        except StorageError:  # stopped early by ASHA, or failed: not a candidate
+            trials.append({"model": params["model"], "lr": params["lr"], "run_name": name, "finished": False,
+                           "error": str(result.error) if result.error else "stopped early"})
+            continue
+        trials.append({**summary, "finished": True})
+    finished = [x for x in trials if x["finished"]]
+    if not finished:
+        tracking.end_run(cfg, parent, ok=False)
+        raise RuntimeError(f"no tune trial finished: {[x.get('error') for x in trials]}")
+    best = max(finished, key=lambda x: x["val_auc"])
+    tracking.log_metrics(cfg, parent, {"best_val_auc": best["val_auc"], "trials_finished": len(finished)})
+    out = {"trials": trials, "best": {"model": best["model"], "lr": best["lr"], "val_auc": best["val_auc"]},
+           "mlflow_run_id": parent}
+    tracking.log_dict(cfg, parent, out, TUNE_FILE)
+    tracking.end_run(cfg, parent)
+    write_json(tune_results_uri(cfg), out, cfg.storage)
+    return out
+
+
+def load_tune_results(cfg: Config) -> dict[str, Any]:
+    try:
+        return read_json(tune_results_uri(cfg), cfg.storage)
+    except StorageError as exc:
+        raise StorageError(f"no tune results for config name {cfg.name!r} (run `lensmill tune` first): {exc}") from exc
