@@ -1,4 +1,7 @@
-"""Metrics on arrays and plots for binary lens finding (pure: no Ray, no MLflow, no config).
+"""Metrics on arrays and plots for binary lens finding, and the evaluation stage.
+
+Everything above ``evaluate`` is pure (no Ray, no MLflow, no config); ``evaluate(cfg)`` is the stage:
+the registered champion on the test split -> metrics.json, detailed_predictions.csv, plots, MLflow.
 
 Labels are 1 for a lens, 0 for a non-lens; scores are probabilities p(lens) in [0, 1]. Everything
 returned by :func:`compute_metrics` is a plain Python ``int``/``float`` (JSON-serialisable).
@@ -224,3 +227,78 @@ def plot_score_histogram(
     ax.grid(alpha=0.3)
     ax.legend(loc="upper center", ncols=3, fontsize=9)
     return _save(fig, path)
+
+
+# -- the evaluation stage ---------------------------------------------------------------------------
+
+
+def write_report(
+    out_dir: Path, labels: np.ndarray, scores: dict[str, np.ndarray], params: Any, metrics: dict[str, Any],
+    summary: dict[str, Any],
+) -> list[Path]:  # fmt: skip
+    """The files users of the seed project expect, plus the plots; returns their paths."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = params if params is not None else pa.table({})
+    for name, col in [("label", labels), *scores.items()]:
+        if name in table.column_names:
+            table = table.drop_columns([name])
+        table = table.append_column(name, pa.array(np.asarray(col)))
+    pacsv.write_csv(table, out_dir / "detailed_predictions.csv")
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (out_dir / "evaluation_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    p = scores["p_lens"]
+    return [
+        out_dir / "detailed_predictions.csv",
+        out_dir / "metrics.json",
+        out_dir / "evaluation_summary.json",
+        plot_roc(labels, p, out_dir / "roc.png", title=summary.get("model", "")),
+        plot_confusion(metrics, out_dir / "confusion_matrix.png"),
+        plot_score_histogram(labels, p, out_dir / "score_histogram.png", threshold=metrics["threshold"]),
+    ]
+
+
+def evaluate(cfg: Any) -> dict[str, Any]:
+    """Score the ``@champion`` ensemble on the test split of ``cfg``'s dataset; files to storage + MLflow."""
+    import tempfile
+
+    from lensmill import tracking
+    from lensmill.predict import EnsemblePredictor
+    from lensmill.shards import dataset_uri_for, load_split
+    from lensmill.storage import join_uri, write_bytes
+    from lensmill.train import runs_uri
+
+    with tempfile.TemporaryDirectory() as tmp:
+        champ = tracking.download_champion(cfg, Path(tmp) / "model")
+        predictor = EnsemblePredictor.load(Path(champ["path"]))
+        dataset_uri = dataset_uri_for(cfg)
+        images, labels, params = load_split(dataset_uri, "test", cfg.storage)
+        out = predictor.predict(images)
+        metrics = compute_metrics(labels, out["p_lens"], predictor.threshold)
+        model = f"{champ['name']}/{champ['version']}"
+        scores = {"p_lens": out["p_lens"], "predicted_label": out["label"], "spread": out["spread"]}
+        scores |= {f"p_{n}": out["member_probs"][:, j] for j, n in enumerate(predictor.member_names)}
+        files_uri = join_uri(runs_uri(cfg), f"{cfg.name}-evaluate")
+        summary = {
+            "model": model,
+            "dataset_uri": dataset_uri,
+            "split": "test",
+            "n_images": int(len(labels)),
+            "members": dict(zip(predictor.member_names, predictor.weights.tolist(), strict=True)),
+            "headline": {k: metrics[k] for k in ("accuracy", "roc_auc", "tpr0", "tpr10")},
+            "files_uri": files_uri,
+        }
+        paths = write_report(Path(tmp) / "evaluation", labels, scores, params, metrics, summary)
+        for path in paths:  # to the storage root (local or S3) ...
+            write_bytes(join_uri(files_uri, path.name), path.read_bytes(), cfg.storage)
+        # ... and to MLflow, with the lineage tags every run carries.
+        dataset_id = predictor.info.get("dataset_id")
+        run_id = tracking.start_run(cfg, f"{cfg.name}-evaluate", "evaluate", dataset_id, {"model": model})
+        tracking.log_metrics(cfg, run_id, {k: v for k, v in metrics.items() if isinstance(v, int | float)})
+        tracking.log_artifacts(cfg, run_id, paths, "evaluation")
+        tracking.end_run(cfg, run_id)
+    return {"metrics": metrics, "model": model, "files_uri": files_uri, "mlflow_run_id": run_id}

@@ -1,0 +1,104 @@
+"""The whole pipeline on jobs/configs/smoke.yaml, run as a user runs it: the `lensmill` CLI against a
+real Ray head, a real MLflow server, and the Serve endpoint queried over real HTTP on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import VENV_BIN, free_port
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_cli(*args: str, timeout_s: int = 900) -> tuple[subprocess.CompletedProcess, dict]:
+    proc = subprocess.run(
+        [str(VENV_BIN / "lensmill"), *args],
+        capture_output=True, text=True, timeout=timeout_s, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    assert lines, f"no stdout; stderr tail:\n{proc.stderr[-4000:]}"
+    try:
+        summary = json.loads(lines[-1])
+    except json.JSONDecodeError:
+        pytest.fail(f"last stdout line is not JSON: {lines[-1]!r}\nstderr tail:\n{proc.stderr[-4000:]}")
+    return proc, summary
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory, ray_address, mlflow_uri):
+    root = tmp_path_factory.mktemp("smoke")
+    overrides = [
+        f"storage.root={root}",
+        f"tracking.tracking_uri={mlflow_uri}",
+        f"ray.address={ray_address}",
+        f"serve.port={free_port()}",
+    ]
+    proc, summary = run_cli("pipeline", "--config", "jobs/configs/smoke.yaml", *overrides, "--queries", "6")
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-8000:])
+    assert proc.returncode == 0, summary
+    return {"root": root, "summary": summary, "overrides": overrides, "mlflow_uri": mlflow_uri}
+
+
+def test_pipeline_summary_has_every_stage(smoke):
+    s = smoke["summary"]
+    assert s["n_images"] == 160 + 64 + 64
+    assert Path(s["dataset_uri"], "manifest.json").is_file()
+    assert {m["model"] for m in s["members"]} == {"tiny", "timm:resnet10t"}
+    assert all(0.0 <= m["val_auc"] <= 1.0 for m in s["members"])
+    assert sum(s["ensemble_weights"]) == pytest.approx(1.0)
+    for key in ("accuracy", "roc_auc", "precision", "recall", "f1"):
+        assert 0.0 <= s["test_metrics"][key] <= 1.0
+    assert s["model_uri"] == "models:/lens-ensemble@champion"
+    assert s["endpoint"].startswith("http://127.0.0.1:")
+    assert len(s["served"]) == 6
+    for answer in s["served"]:
+        assert 0.0 <= answer["p_lens"] <= 1.0
+        assert answer["label"] == int(answer["p_lens"] >= 0.5)
+        assert answer["true_label"] in (0, 1)
+    assert {a["true_label"] for a in s["served"]} == {0, 1}
+
+
+def test_champion_is_registered_with_its_lineage(smoke):
+    from mlflow import MlflowClient
+
+    c = MlflowClient(tracking_uri=smoke["mlflow_uri"], registry_uri=smoke["mlflow_uri"])
+    mv = c.get_model_version_by_alias("lens-ensemble", "champion")
+    assert mv.version == str(smoke["summary"]["model_version"])
+    run = c.get_run(mv.run_id)
+    assert run.data.tags["dataset_id"] == smoke["summary"]["dataset_id"]
+    assert run.data.tags["config_hash"] and run.data.tags["git_sha"]
+    assert run.data.metrics["val_auc"] == pytest.approx(smoke["summary"]["ensemble_val_auc"])
+    # Each member's training run logged one val_auc per epoch.
+    member_runs = c.search_runs([run.info.experiment_id], "tags.`lensmill.stage` = 'train'")
+    assert len(member_runs) == 2
+    for r in member_runs:
+        history = c.get_metric_history(r.info.run_id, "val_auc")
+        assert [m.step for m in history] == [0, 1]
+
+
+def test_rerun_reuses_data_and_finished_trials(smoke):
+    """The same config again: nothing is simulated or trained twice; a new ensemble version is registered."""
+    proc, summary = run_cli("pipeline", "--config", "jobs/configs/smoke.yaml", *smoke["overrides"], "--queries", "2")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert summary["dataset_id"] == smoke["summary"]["dataset_id"]
+    assert summary["members"] == smoke["summary"]["members"]
+    assert int(summary["model_version"]) == int(smoke["summary"]["model_version"]) + 1
+
+
+def test_user_mistakes_get_one_clear_line_and_no_traceback(smoke):
+    proc, summary = run_cli("train", "--config", "jobs/configs/smoke.yaml", "train.epochz=3")
+    assert proc.returncode == 2
+    assert "train.epochz" in summary["error"] and "Traceback" not in proc.stderr
+    proc, summary = run_cli(
+        "evaluate", "--config", "jobs/configs/smoke.yaml", f"storage.root={smoke['root']}/empty",
+        f"tracking.tracking_uri={smoke['mlflow_uri']}", "tracking.registered_model=no-such-model",
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "no-such-model" in summary["error"] and "Traceback" not in proc.stderr
