@@ -1,0 +1,320 @@
+"""EnsemblePredictor: a weighted ensemble of ``LensClassifier`` members, shared by serving and batch scoring.
+
+On disk an ensemble is a directory (the contract between the ensemble stage, MLflow and serving)::
+
+    ensemble.json   {"format_version": 1, "image_shape": [C, H, W], "threshold": 0.5,
+                     "dataset_id": "...", "members": [{"name": ..., "model": ..., "weight": ...,
+                     "file": "member-0.pt", "val_auc": ...}, ...]}
+    member-0.pt     written by ``lensmill.models.save_classifier``
+    ...
+
+Top-level keys other than ``format_version``, ``image_shape``, ``threshold`` and ``members`` (such as
+``dataset_id``) are kept in ``EnsemblePredictor.info``; member keys other than ``name``, ``weight`` and
+``file`` are kept in ``Member.meta``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lensmill.models import LensClassifier, load_classifier, save_classifier
+
+FORMAT_VERSION = 1
+MANIFEST = "ensemble.json"
+_RESERVED_KEYS = ("format_version", "image_shape", "threshold", "members")
+# Member keys that save() writes itself, or that the member file already holds (save_classifier).
+_MEMBER_FILE_KEYS = ("name", "weight", "file", "model", "in_chans", "norm_mean", "norm_std", "state_dict")
+
+
+def _json_default(obj: Any) -> Any:
+    """numpy scalars/arrays and paths in metadata become plain JSON values."""
+    if isinstance(obj, np.generic | np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"{type(obj).__name__} in ensemble metadata is not JSON serialisable")
+
+
+class EnsembleArtifactError(ValueError):
+    """An ensemble directory that cannot be read; the message names the path and what was wrong."""
+
+
+class EnsembleNotFoundError(EnsembleArtifactError, FileNotFoundError):
+    """The directory has no ``ensemble.json``."""
+
+
+@dataclass
+class Member:
+    """One ensemble member: a classifier mapping raw (N, C, H, W) images to (N,) logits."""
+
+    name: str
+    model: LensClassifier
+    weight: float
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _shape_text(shape: Sequence[int]) -> str:
+    return "(" + ", ".join(str(int(s)) for s in shape) + ")"
+
+
+def validate_images(images: Any, image_shape: Sequence[int]) -> np.ndarray:
+    """Return ``images`` as a float32 (N, C, H, W) array, or raise ``ValueError`` saying what was wrong.
+
+    Accepted: (N, C, H, W); a single (C, H, W) image when C > 1; (N, H, W) or (H, W) when C == 1.
+    Empty batches and NaN/inf values are rejected.
+    """
+    c, h, w = (int(s) for s in image_shape)
+    try:
+        arr = np.asarray(images)
+    except (ValueError, TypeError) as exc:  # ragged nested lists
+        raise ValueError(f"images are not a rectangular numeric array: {exc}") from None
+    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.bool_)):
+        raise ValueError(f"images must be numeric, received dtype {arr.dtype}")
+    if np.iscomplexobj(arr):
+        raise ValueError("images must be real-valued, received complex numbers")
+
+    expected = [f"(N, {c}, {h}, {w})"]
+    if c == 1:
+        expected += [f"(N, {h}, {w})", f"({h}, {w})"]
+    else:
+        expected += [_shape_text((c, h, w))]
+    if arr.ndim == 4 and arr.shape[1:] == (c, h, w):
+        batch = arr
+    elif arr.ndim == 3 and c == 1 and arr.shape[1:] == (h, w):
+        batch = arr[:, None]
+    elif arr.ndim == 3 and c > 1 and arr.shape == (c, h, w):
+        batch = arr[None]
+    elif arr.ndim == 2 and c == 1 and arr.shape == (h, w):
+        batch = arr[None, None]
+    else:
+        raise ValueError(
+            f"expected images of shape {' or '.join(expected)}; received shape {_shape_text(arr.shape)}"
+        )
+    if batch.shape[0] == 0:
+        raise ValueError(f"empty batch: received shape {_shape_text(arr.shape)}, need at least one image")
+    # Cast first: float64 values beyond float32's range become inf and must be rejected too.
+    with np.errstate(over="ignore", invalid="ignore"):
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+    finite = np.isfinite(batch)
+    if not finite.all():
+        bad = int(batch.size - np.count_nonzero(finite))
+        raise ValueError(f"images contain {bad} NaN or infinite value(s) (or values beyond float32 range)")
+    return batch
+
+
+class EnsemblePredictor:
+    """Weighted average of member probabilities, with a decision threshold and the members' spread."""
+
+    def __init__(
+        self,
+        members: Sequence[Member],
+        image_shape: Sequence[int],
+        threshold: float = 0.5,
+        info: dict[str, Any] | None = None,
+        batch_size: int = 256,
+    ) -> None:
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        names = [m.name for m in members]
+        if len(set(names)) != len(names):
+            raise ValueError(f"member names must be unique, got {names}")
+        weights = np.array([float(m.weight) for m in members], dtype=np.float64)
+        if not np.isfinite(weights).all() or (weights < 0).any() or weights.sum() <= 0:
+            raise ValueError(f"member weights must be finite, >= 0 and not all 0, got {weights.tolist()}")
+        shape = tuple(int(s) for s in image_shape)
+        if len(shape) != 3 or min(shape) < 1:
+            raise ValueError(f"image_shape must be [C, H, W] with positive sizes, got {list(image_shape)}")
+        if not 0.0 < float(threshold) < 1.0:
+            raise ValueError(f"threshold must lie in (0, 1), got {threshold}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        for m in members:
+            in_chans = int(m.model.mean.shape[1])
+            if in_chans != shape[0]:
+                raise ValueError(
+                    f"member {m.name!r} takes {in_chans} channel(s), image_shape says {shape[0]}"
+                )
+            m.model.eval()
+        self._members = list(members)
+        self._image_shape = shape
+        self._threshold = float(threshold)
+        self._info = dict(info or {})
+        self._batch_size = int(batch_size)
+        # Stored normalised so that combine() and spread use the same weights the files describe.
+        self._weights = weights / weights.sum()
+
+    # -- properties -------------------------------------------------------------------------------
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self._image_shape  # type: ignore[return-value]
+
+    @property
+    def threshold(self) -> float:
+        return self._threshold
+
+    @property
+    def members(self) -> list[Member]:
+        return list(self._members)
+
+    @property
+    def member_names(self) -> list[str]:
+        return [m.name for m in self._members]
+
+    @property
+    def weights(self) -> np.ndarray:
+        """Member weights, normalised to sum to 1 (a copy)."""
+        return self._weights.copy()
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """Ensemble-level metadata from ``ensemble.json`` (dataset_id, ...), a copy."""
+        return dict(self._info)
+
+    # -- scoring ----------------------------------------------------------------------------------
+    def validate_images(self, images: Any) -> np.ndarray:
+        """``validate_images`` against this ensemble's image shape."""
+        return validate_images(images, self._image_shape)
+
+    def member_probabilities(self, images: np.ndarray) -> np.ndarray:
+        """(N, M) float64 sigmoid probabilities, one column per member, computed in batches."""
+        batch = self.validate_images(images)
+        n = batch.shape[0]
+        out = np.empty((n, len(self._members)), dtype=np.float64)
+        with torch.inference_mode():
+            for start in range(0, n, self._batch_size):
+                x = torch.from_numpy(batch[start : start + self._batch_size])
+                for j, member in enumerate(self._members):
+                    logits = member.model(x).reshape(-1)
+                    if logits.shape[0] != x.shape[0]:
+                        raise RuntimeError(
+                            f"member {member.name!r} gave {logits.shape[0]} logits for {x.shape[0]} images"
+                        )
+                    # Sigmoid in float64 keeps probabilities near 0 and 1 distinguishable.
+                    out[start : start + x.shape[0], j] = torch.sigmoid(logits.double()).numpy()
+        return out
+
+    @staticmethod
+    def combine(member_probs: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """Weighted average over members: (N, M) probabilities and (M,) weights -> (N,)."""
+        p = np.asarray(member_probs, dtype=np.float64)
+        w = np.asarray(weights, dtype=np.float64).reshape(-1)
+        if p.ndim != 2 or p.shape[1] != w.shape[0]:
+            raise ValueError(f"member_probs must be (N, {w.shape[0]}), received {_shape_text(p.shape)}")
+        if (w < 0).any() or w.sum() <= 0:
+            raise ValueError(f"weights must be >= 0 and not all 0, got {w.tolist()}")
+        return p @ (w / w.sum())
+
+    @staticmethod
+    def weighted_std(member_probs: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """Weighted standard deviation across members (N,): 0 when all members agree."""
+        p = np.asarray(member_probs, dtype=np.float64)
+        w = np.asarray(weights, dtype=np.float64).reshape(-1)
+        w = w / w.sum()
+        mean = EnsemblePredictor.combine(p, w)
+        var = ((p - mean[:, None]) ** 2) @ w
+        return np.sqrt(np.maximum(var, 0.0))
+
+    def predict(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """p_lens (N,), label (N,) int, member_probs (N, M), spread (N,) for raw images."""
+        member_probs = self.member_probabilities(images)
+        p_lens = self.combine(member_probs, self._weights)
+        return {
+            "p_lens": p_lens,
+            "label": (p_lens >= self._threshold).astype(np.int64),
+            "member_probs": member_probs,
+            "spread": self.weighted_std(member_probs, self._weights),
+        }
+
+    # -- persistence ------------------------------------------------------------------------------
+    def save(self, dir: Path) -> Path:
+        """Write ``ensemble.json`` and one ``member-<i>.pt`` per member into ``dir``; returns ``dir``."""
+        dir = Path(dir)
+        dir.mkdir(parents=True, exist_ok=True)
+        entries = []
+        for i, (member, weight) in enumerate(zip(self._members, self._weights, strict=True)):
+            file = f"member-{i}.pt"
+            save_classifier(member.model, dir / file)
+            meta = {k: v for k, v in member.meta.items() if k not in _MEMBER_FILE_KEYS}
+            entries.append(
+                {"name": member.name, "model": member.model.model_name, "weight": float(weight), "file": file}
+                | meta
+            )
+        info = {k: v for k, v in self._info.items() if k not in _RESERVED_KEYS}
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "image_shape": list(self._image_shape),
+            "threshold": self._threshold,
+            **info,
+            "members": entries,
+        }
+        # Written last (and atomically) so that a directory with an ensemble.json is complete.
+        tmp = dir / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(manifest, indent=2, default=_json_default) + "\n")
+        tmp.replace(dir / MANIFEST)
+        return dir
+
+    @classmethod
+    def load(cls, dir: Path, batch_size: int = 256) -> EnsemblePredictor:
+        """Read an ensemble directory written by ``save`` (or by the ensemble stage / MLflow)."""
+        dir = Path(dir)
+        path = dir / MANIFEST
+        if not path.is_file():
+            raise EnsembleNotFoundError(f"no {MANIFEST} in {dir}: not an ensemble directory")
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise EnsembleArtifactError(f"{path} is not valid JSON: {exc}") from None
+
+        def bad(what: str) -> EnsembleArtifactError:
+            return EnsembleArtifactError(f"{path}: {what}")
+
+        if not isinstance(manifest, dict):
+            raise bad("must hold a JSON object")
+        version = manifest.get("format_version")
+        if version != FORMAT_VERSION:
+            raise bad(f"format_version {version!r} is not supported (expected {FORMAT_VERSION})")
+        shape = manifest.get("image_shape")
+        if not (
+            isinstance(shape, list) and len(shape) == 3 and all(isinstance(s, int) and s > 0 for s in shape)
+        ):
+            raise bad(f"image_shape must be [C, H, W] positive integers, got {shape!r}")
+        threshold = manifest.get("threshold", 0.5)
+        if not isinstance(threshold, int | float) or not 0 < threshold < 1:
+            raise bad(f"threshold must be a number in (0, 1), got {threshold!r}")
+        entries = manifest.get("members")
+        if not isinstance(entries, list) or not entries:
+            raise bad("members must be a non-empty list")
+
+        members = []
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, dict):
+                raise bad(f"members[{i}] must be an object")
+            missing = [k for k in ("name", "weight", "file") if k not in entry]
+            if missing:
+                raise bad(f"members[{i}] lacks {missing}")
+            weight = entry["weight"]
+            if not isinstance(weight, int | float) or not math.isfinite(weight) or weight < 0:
+                raise bad(f"members[{i}].weight must be a number >= 0, got {weight!r}")
+            file = dir / str(entry["file"])
+            if not file.is_file():
+                raise bad(f"members[{i}] file {file} does not exist")
+            try:
+                model, _saved_meta = load_classifier(file)
+            except Exception as exc:  # torch raises many types for a damaged file
+                raise bad(f"members[{i}] file {file} could not be loaded: {exc}") from exc
+            meta = {k: v for k, v in entry.items() if k not in ("name", "weight", "file")}
+            members.append(Member(name=str(entry["name"]), model=model, weight=float(weight), meta=meta))
+
+        info = {k: v for k, v in manifest.items() if k not in _RESERVED_KEYS}
+        try:
+            return cls(members, shape, threshold=float(threshold), info=info, batch_size=batch_size)
+        except ValueError as exc:
+            raise bad(str(exc)) from None

@@ -1,0 +1,560 @@
+"""Ray Serve deployment with a FastAPI ingress that scores images with an ``EnsemblePredictor``.
+
+HTTP contract (see DESIGN.md §3):
+
+- ``POST /v1/predict``: JSON ``{"images": [...]}`` (nested lists) or ``{"npy_b64": "<base64 .npy>"}``,
+  or ``multipart/form-data`` with files in field ``files`` (``.npy``, ``.fits``/``.fit``/``.fts``,
+  ``.png``). Answers ``{"model": {"name", "version"}, "predictions": [{"p_lens", "label", "members",
+  "spread"}, ...]}``, one prediction per image, in request order (files in upload order).
+- ``GET /healthz`` and ``GET /v1/model``; OpenAPI at ``/docs``.
+- Client mistakes answer 4xx with ``{"error": "..."}``.
+
+Requests are micro-batched with ``@serve.batch`` on ``LensEndpoint.score_batch`` (each queued item is
+one request's (n, C, H, W) array). The model comes from a local ensemble directory (``model_dir``) or
+from the MLflow registry (``lensmill.tracking.download_champion``).
+
+This module deliberately avoids ``from __future__ import annotations``: FastAPI and Serve's class-based
+views inspect route signatures at runtime.
+"""
+
+import asyncio
+import base64
+import binascii
+import io
+import json
+import logging
+import shlex
+import tempfile
+import time
+from email import policy
+from email.message import EmailMessage
+from email.parser import BytesParser
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from ray import serve
+from ray.serve import Application
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lensmill import __version__
+from lensmill.config import Config, ServeConfig, load_config
+from lensmill.predict import EnsembleNotFoundError, EnsemblePredictor
+
+logger = logging.getLogger("lensmill.serve")
+
+APP_NAME = "lensmill"
+DEPLOYMENT_NAME = "LensEndpoint"
+FITS_SUFFIXES = (".fits", ".fit", ".fts")
+SUPPORTED_SUFFIXES = (".npy", *FITS_SUFFIXES, ".png")
+# Multipart field names that carry image files.
+FILE_FIELDS = ("files", "file")
+BUILD_ARGS = ("config_path", "overrides", "model_dir")
+# JSON spells a float32 in up to ~16 characters; allow twice that per value plus slack for brackets.
+_BYTES_PER_VALUE = 32
+_BODY_SLACK = 1 << 20
+
+
+class ClientError(Exception):
+    """A request the client must fix; becomes ``{"error": message}`` with ``status``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+# ---------------------------------------------------------------------------------------------------
+# Request decoding: pure functions (no Ray), shared by the endpoint and usable in tests.
+# ---------------------------------------------------------------------------------------------------
+def decode_npy(data: bytes, what: str = "npy") -> np.ndarray:
+    """A ``.npy`` file's array; pickled object arrays are refused."""
+    try:
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as exc:  # numpy raises ValueError/OSError/EOFError for damaged files
+        raise ClientError(400, f"{what}: could not decode as .npy: {exc}") from None
+    if not isinstance(arr, np.ndarray):  # .npz archives load as NpzFile
+        raise ClientError(400, f"{what}: expected a single .npy array, not an .npz archive")
+    return arr
+
+
+def decode_fits(data: bytes, what: str = "fits") -> np.ndarray:
+    """The first image HDU with data in a FITS file."""
+    from astropy.io import fits
+
+    try:
+        with fits.open(io.BytesIO(data), memmap=False) as hdul:
+            for hdu in hdul:
+                if hdu.is_image and hdu.data is not None and hdu.data.size > 0:
+                    # astropy applies BSCALE/BZERO; copying to native float32 drops the big-endian view.
+                    return np.array(hdu.data, dtype=np.float32)
+    except Exception as exc:  # astropy raises OSError/ValueError/TypeError for damaged files
+        raise ClientError(400, f"{what}: could not decode as FITS: {exc}") from None
+    raise ClientError(400, f"{what}: the FITS file has no image HDU with data")
+
+
+def decode_png(data: bytes, channels: int, what: str = "png") -> np.ndarray:
+    """A PNG as (H, W) when the model takes 1 channel, or (3, H, W) when it takes 3."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise ClientError(400, f"{what}: could not decode as PNG: {exc}") from None
+    if channels == 1:
+        # 16-bit and float grayscale keep their values; everything else becomes 8-bit luminance.
+        if img.mode not in ("L", "I", "I;16", "I;16B", "I;16L", "F"):
+            img = img.convert("L")
+        return np.asarray(img, dtype=np.float32)
+    if channels == 3:
+        return np.asarray(img.convert("RGB"), dtype=np.float32).transpose(2, 0, 1)
+    raise ClientError(415, f"{what}: PNG holds 1 or 3 channels, but the model takes {channels}")
+
+
+def decode_file(filename: str, data: bytes, channels: int) -> np.ndarray:
+    """Decode one uploaded file by its extension."""
+    suffix = Path(filename).suffix.lower()
+    what = f"file {filename!r}"
+    if suffix == ".npy":
+        return decode_npy(data, what)
+    if suffix in FITS_SUFFIXES:
+        return decode_fits(data, what)
+    if suffix == ".png":
+        return decode_png(data, channels, what)
+    raise ClientError(415, f"{what}: unsupported file type; send one of {', '.join(SUPPORTED_SUFFIXES)}")
+
+
+def parse_multipart(body: bytes, content_type: str) -> list[tuple[str, bytes]]:
+    """(filename, bytes) for each uploaded file, in order.
+
+    The stdlib email parser handles multipart/form-data, so that serving needs no python-multipart.
+    """
+    head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode("latin-1", "replace")
+    msg = BytesParser(policy=policy.HTTP).parsebytes(head + body)
+    if not msg.is_multipart() or not isinstance(msg, EmailMessage) or msg.defects:
+        raise ClientError(400, "multipart body could not be parsed (check the boundary)")
+    files: list[tuple[str, bytes]] = []
+    for part in msg.iter_parts():
+        field = part.get_param("name", header="content-disposition")
+        filename = part.get_filename()
+        if field not in FILE_FIELDS:
+            raise ClientError(400, f"unexpected form field {field!r}: send images as files in field 'files'")
+        if not filename:
+            raise ClientError(400, f"form field {field!r} must carry a file with a name (e.g. image.npy)")
+        payload = part.get_payload(decode=True)
+        files.append((str(filename), payload if isinstance(payload, bytes) else b""))
+    if not files:
+        raise ClientError(400, "multipart body holds no files: send them in field 'files'")
+    return files
+
+
+def _validated(predictor: EnsemblePredictor, raw: Any, what: str) -> np.ndarray:
+    try:
+        return predictor.validate_images(raw)
+    except ValueError as exc:
+        raise ClientError(422, f"{what}: {exc}") from None
+
+
+def decode_json(body: bytes, predictor: EnsemblePredictor) -> np.ndarray:
+    """``{"images": nested lists}`` or ``{"npy_b64": base64 .npy}`` -> validated (N, C, H, W)."""
+    try:
+        payload = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ClientError(400, f"request body is not valid JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise ClientError(400, 'request body must be a JSON object: {"images": [...]} or {"npy_b64": "..."}')
+    unknown = sorted(set(payload) - {"images", "npy_b64"})
+    if unknown:
+        raise ClientError(400, f"unknown key(s) {unknown}: send exactly one of 'images' or 'npy_b64'")
+    if len(payload) != 1:
+        raise ClientError(400, "send exactly one of 'images' (nested lists) or 'npy_b64' (base64 .npy)")
+    if "images" in payload:
+        return _validated(predictor, payload["images"], "images")
+    encoded = payload["npy_b64"]
+    if not isinstance(encoded, str):
+        raise ClientError(400, "npy_b64 must be a base64 string of a .npy file")
+    try:
+        data = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ClientError(400, f"npy_b64 is not valid base64: {exc}") from None
+    return _validated(predictor, decode_npy(data, "npy_b64"), "npy_b64")
+
+
+def decode_request(
+    content_type: str, body: bytes, predictor: EnsemblePredictor, max_images: int
+) -> np.ndarray:
+    """Any supported request body -> validated float32 (N, C, H, W), at most ``max_images`` images."""
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media == "multipart/form-data":
+        arrays = []
+        for filename, data in parse_multipart(body, content_type):
+            raw = decode_file(filename, data, predictor.image_shape[0])
+            arrays.append(_validated(predictor, raw, f"file {filename!r}"))
+        images = np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
+    elif media in ("", "application/json") or media.endswith("+json"):
+        images = decode_json(body, predictor)
+    else:
+        raise ClientError(
+            415, f"unsupported content type {media!r}: send application/json or multipart/form-data"
+        )
+    if images.shape[0] > max_images:
+        raise ClientError(
+            413, f"too many images: {images.shape[0]} > serve.max_images_per_request={max_images}"
+        )
+    return images
+
+
+def max_body_bytes(serve_cfg: ServeConfig, image_shape: tuple[int, ...]) -> int:
+    """A generous bound on a legitimate request body: refuse bigger ones before reading them."""
+    values = serve_cfg.max_images_per_request * int(np.prod(image_shape))
+    return values * _BYTES_PER_VALUE + _BODY_SLACK
+
+
+# ---------------------------------------------------------------------------------------------------
+# FastAPI app: schemas for /docs and error handlers turning every failure into {"error": ...}.
+# ---------------------------------------------------------------------------------------------------
+class PredictJSON(BaseModel):
+    """Send exactly one of the two fields."""
+
+    images: list[Any] | None = Field(None, description="(N, C, H, W), or (N, H, W) / (H, W) for 1 channel")
+    npy_b64: str | None = Field(None, description="base64 of a .npy file holding such an array")
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: str
+
+
+class Prediction(BaseModel):
+    p_lens: float = Field(description="ensemble probability that the image shows a strong lens")
+    label: int = Field(description="1 when p_lens >= threshold")
+    members: dict[str, float] = Field(description="each member's probability")
+    spread: float = Field(description="weighted standard deviation of the members' probabilities")
+
+
+class PredictResponse(BaseModel):
+    model: ModelRef
+    predictions: list[Prediction]
+
+
+class MemberInfo(BaseModel):
+    name: str
+    weight: float
+    model: str | None = None
+    val_auc: float | None = None
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str
+    source: str
+    image_shape: list[int]
+    threshold: float
+    dataset_id: str | None
+    members: list[MemberInfo]
+
+
+_PREDICT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": PredictJSON.model_json_schema()},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "files": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "description": "image files: " + ", ".join(SUPPORTED_SUFFIXES),
+                        }
+                    },
+                    "required": ["files"],
+                }
+            },
+        },
+    }
+}
+_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"description": text, "content": {"application/json": {"example": {"error": "..."}}}}
+    for code, text in [
+        (400, "malformed request"),
+        (413, "too many images or body too large"),
+        (415, "unsupported content or file type"),
+        (422, "wrong image shape, NaN/inf, empty batch"),
+    ]
+}
+
+api = FastAPI(
+    title="lensmill",
+    version=__version__,
+    description="Strong-gravitational-lens finder: a weighted CNN ensemble served by Ray Serve.",
+)
+
+
+@api.exception_handler(ClientError)
+async def _client_error(_: Request, exc: ClientError) -> JSONResponse:
+    return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err.get("loc", ())) or "request"
+        parts.append(f"{loc}: {err.get('msg', 'invalid')}")
+    return JSONResponse({"error": "; ".join(parts) or "invalid request"}, status_code=422)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+
+@api.exception_handler(Exception)
+async def _server_error(_: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unhandled error while serving a request")
+    return JSONResponse({"error": f"internal error: {type(exc).__name__}"}, status_code=500)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The deployment.
+# ---------------------------------------------------------------------------------------------------
+@serve.deployment(name=DEPLOYMENT_NAME)
+@serve.ingress(api)
+class LensEndpoint:
+    """One replica: an ``EnsemblePredictor`` behind the FastAPI routes, with micro-batching."""
+
+    def __init__(self, config: dict[str, Any], model_dir: str | None = None) -> None:
+        self.cfg = Config.model_validate(config)
+        if model_dir:
+            path = Path(model_dir)
+            self.predictor = EnsemblePredictor.load(path)
+            info = self.predictor.info
+            self.model_name = str(info.get("name") or self.cfg.tracking.registered_model)
+            self.model_version = str(info.get("version") or "local")
+            self.source = "local"
+        else:
+            # Imported here: tracking pulls in MLflow, which only the registry path needs.
+            from lensmill.tracking import download_champion
+
+            # Kept on the replica: removed when the replica goes away.
+            self._download_dir = tempfile.TemporaryDirectory(prefix="lensmill-champion-")
+            got = download_champion(self.cfg, Path(self._download_dir.name))
+            self.predictor = EnsemblePredictor.load(Path(got["path"]))
+            self.model_name = str(got["name"])
+            self.model_version = str(got["version"])
+            self.source = "mlflow"
+        # @serve.batch arguments are fixed at class definition; the config's values are applied here.
+        self.score_batch.set_max_batch_size(self.cfg.serve.max_batch_size)
+        self.score_batch.set_batch_wait_timeout_s(self.cfg.serve.batch_wait_timeout_s)
+        self.max_body_bytes = max_body_bytes(self.cfg.serve, self.predictor.image_shape)
+        logger.info(
+            "serving %s version %s (%s) with members %s",
+            self.model_name,
+            self.model_version,
+            self.source,
+            self.predictor.member_names,
+        )
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+    async def score_batch(self, requests: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+        """Score several requests' images in one forward pass and split the results back."""
+        counts = [int(a.shape[0]) for a in requests]
+        stacked = np.concatenate(requests) if len(requests) > 1 else requests[0]
+        # A worker thread keeps the event loop free for /healthz and for queueing the next batch.
+        out = await asyncio.to_thread(self.predictor.predict, stacked)
+        bounds = np.cumsum(counts)[:-1]
+        pieces = {k: np.split(v, bounds) for k, v in out.items()}
+        return [{k: pieces[k][i] for k in out} for i in range(len(requests))]
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/v1/model", response_model=ModelInfo)
+    async def model_info(self) -> dict[str, Any]:
+        p = self.predictor
+        members = [
+            {
+                "name": m.name,
+                "weight": float(w),
+                "model": m.meta.get("model"),
+                "val_auc": m.meta.get("val_auc"),
+            }
+            for m, w in zip(p.members, p.weights, strict=True)
+        ]
+        return {
+            "name": self.model_name,
+            "version": self.model_version,
+            "source": self.source,
+            "image_shape": list(p.image_shape),
+            "threshold": p.threshold,
+            "dataset_id": p.info.get("dataset_id"),
+            "members": members,
+        }
+
+    @api.post(
+        "/v1/predict",
+        response_model=PredictResponse,
+        openapi_extra=_PREDICT_BODY,
+        responses=_ERROR_RESPONSES,
+    )
+    async def predict(self, request: Request) -> dict[str, Any]:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise ClientError(413, f"request body of {declared} bytes exceeds {self.max_body_bytes}")
+        body = await request.body()
+        if len(body) > self.max_body_bytes:
+            raise ClientError(413, f"request body of {len(body)} bytes exceeds {self.max_body_bytes}")
+        if not body:
+            raise ClientError(400, "empty request body")
+        images = decode_request(
+            request.headers.get("content-type", ""),
+            body,
+            self.predictor,
+            self.cfg.serve.max_images_per_request,
+        )
+        out = await self.score_batch(images)
+        names = self.predictor.member_names
+        predictions = [
+            {
+                "p_lens": float(out["p_lens"][i]),
+                "label": int(out["label"][i]),
+                "members": {n: float(p) for n, p in zip(names, out["member_probs"][i], strict=True)},
+                "spread": float(out["spread"][i]),
+            }
+            for i in range(images.shape[0])
+        ]
+        return {"model": {"name": self.model_name, "version": self.model_version}, "predictions": predictions}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Building and running the application.
+# ---------------------------------------------------------------------------------------------------
+def max_ongoing_requests(serve_cfg: ServeConfig) -> int:
+    """Requests a replica accepts at once: a full batch in flight plus a full batch queued.
+
+    Must be >= max_batch_size, or batches never fill.
+    """
+    return 2 * serve_cfg.max_batch_size
+
+
+def build_endpoint(cfg: Config, model_dir: str | Path | None = None) -> Application:
+    """The Serve application for ``cfg``: replicas, CPUs and batching from ``cfg.serve``."""
+    local_dir = None
+    if model_dir is not None:
+        # Absolute, because replicas do not share the caller's working directory; checked here so
+        # that a typo fails now rather than as a replica crash loop.
+        path = Path(model_dir).expanduser().resolve()
+        if not (path / "ensemble.json").is_file():
+            raise EnsembleNotFoundError(f"no ensemble.json in {path}: not an ensemble directory")
+        local_dir = str(path)
+    s = cfg.serve
+    deployment = LensEndpoint.options(
+        num_replicas=s.num_replicas,
+        ray_actor_options={"num_cpus": s.cpus_per_replica},
+        max_ongoing_requests=max_ongoing_requests(s),
+    )
+    return deployment.bind(cfg.model_dump(mode="json"), local_dir)
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """Serve application builder for ``serve run`` / ``serve deploy``.
+
+    ``args``: ``config_path`` (YAML, optional), ``overrides`` (list of ``key=value``, or one string
+    split like a shell line), ``model_dir`` (local ensemble directory; default: MLflow champion).
+    """
+    unknown = sorted(set(args) - set(BUILD_ARGS))
+    if unknown:  # Serve passes args through untouched: catch typos here.
+        raise ValueError(f"unknown build_app argument(s) {unknown}; expected some of {list(BUILD_ARGS)}")
+    overrides = args.get("overrides") or []
+    if isinstance(overrides, str):
+        overrides = shlex.split(overrides)
+    cfg = load_config(args.get("config_path"), [str(o) for o in overrides])
+    return build_endpoint(cfg, args.get("model_dir"))
+
+
+def base_url(cfg: Config) -> str:
+    """The URL a local client uses to reach the proxy (wildcard binds are reached via loopback)."""
+    host = cfg.serve.host
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{cfg.serve.port}"
+
+
+def _check_proxy_matches(cfg: Config) -> None:
+    """Serve keeps the HTTP options of an already running instance: refuse to return a wrong URL."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        current = _get_global_client().http_config
+    except Exception:  # private API (Ray is pinned); skip the check rather than fail
+        return
+    if (current.host, current.port) != (cfg.serve.host, cfg.serve.port):
+        raise RuntimeError(
+            f"Serve is already running with its HTTP proxy on {current.host}:{current.port}, not "
+            f"{cfg.serve.host}:{cfg.serve.port}; call stop_endpoint() first or use that port"
+        )
+
+
+def wait_healthy(url: str, timeout_s: float = 60.0) -> None:
+    """Poll ``GET {url}/healthz`` until it answers 200 (bounded in time)."""
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    with httpx.Client(timeout=5.0) as client:
+        while time.monotonic() < deadline:
+            try:
+                r = client.get(f"{url}/healthz")
+                if r.status_code == 200:
+                    return
+                last = f"HTTP {r.status_code}"
+            except httpx.HTTPError as exc:
+                last = repr(exc)
+            time.sleep(0.25)
+    raise TimeoutError(f"{url}/healthz not healthy after {timeout_s:.0f}s (last: {last})")
+
+
+def start_endpoint(
+    cfg: Config, model_dir: Path | None = None, blocking: bool = False, timeout_s: float = 120.0
+) -> str:
+    """Deploy the endpoint on the running Ray cluster and return its base URL.
+
+    Ray must already be initialised by the caller. With ``blocking``, serve until Ctrl-C, then shut
+    Serve down.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        raise RuntimeError("start_endpoint needs a running Ray: call ray.init(...) first")
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    _check_proxy_matches(cfg)
+    serve.run(build_endpoint(cfg, model_dir), name=APP_NAME, route_prefix="/")
+    url = base_url(cfg)
+    # serve.run returns once replicas are up; the proxy may route a moment later.
+    wait_healthy(url, timeout_s)
+    logger.info("lensmill endpoint ready at %s (OpenAPI at %s/docs)", url, url)
+    if blocking:
+        try:
+            while True:  # until Ctrl-C: this is the foreground server of `lensmill serve`
+                time.sleep(1.0)
+        except KeyboardInterrupt:
+            logger.info("interrupted: shutting Serve down")
+        finally:
+            stop_endpoint()
+    return url
+
+
+def stop_endpoint() -> None:
+    """Shut Serve down (applications, replicas and the HTTP proxy)."""
+    serve.shutdown()
