@@ -78,7 +78,7 @@ def ray_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         f"--node-ip-address={LOOPBACK}", f"--port={port}",
         # Logical CPUs above the 2 cores: a Tune trial + Train workers + Ray Data readers must fit.
         "--num-cpus=4", "--include-dashboard=false", f"--temp-dir={temp_dir}",
-        f"--ray-client-server-port={free_port()}", f"--min-worker-port={free_port()}",
+        f"--ray-client-server-port={free_port()}",
     ]  # fmt: skip
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
