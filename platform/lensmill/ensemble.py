@@ -1,4 +1,4 @@
-"""Ensemble: pick members among finished trials, search their weights on validation, register.
+"""Ensemble: pick members among the trials with checkpoints, search their weights on validation, register.
 
 Member probabilities on the validation split are computed once; the weight search then runs on
 arrays: every point of a simplex grid with step ``ensemble.weight_step``, scored by ROC AUC
@@ -28,12 +28,12 @@ ENSEMBLE_FILE = "ensemble_result.json"
 
 
 def select_members(trials: list[dict[str, Any]], max_members: int) -> list[dict[str, Any]]:
-    """Best finished trial of each architecture first (diversity), then the next best overall."""
-    finished = sorted((t for t in trials if t.get("finished")), key=lambda t: -t["val_auc"])
+    """Best usable trial of each architecture first (diversity), then the next best overall."""
+    usable = sorted((t for t in trials if t.get("usable")), key=lambda t: -t["val_auc"])
     firsts: dict[str, dict[str, Any]] = {}
-    for t in finished:
+    for t in usable:
         firsts.setdefault(t["model"], t)
-    rest = [t for t in finished if t not in firsts.values()]
+    rest = [t for t in usable if t not in firsts.values()]
     return (list(firsts.values()) + rest)[:max_members]
 
 
@@ -66,7 +66,7 @@ def build_ensemble(cfg: Config) -> dict[str, Any]:
     trials = load_tune_results(cfg)["trials"]
     chosen = select_members(trials, cfg.ensemble.max_members)
     if not chosen:
-        raise RuntimeError("no finished trials to build an ensemble from")
+        raise RuntimeError("no usable trials to build an ensemble from")
     dataset_uri = chosen[0]["dataset_uri"]
     images, labels, _ = load_split(dataset_uri, "val", cfg.storage)
     with tempfile.TemporaryDirectory() as tmp:
@@ -74,7 +74,9 @@ def build_ensemble(cfg: Config) -> dict[str, Any]:
         for i, t in enumerate(chosen):
             d = _member_dir(cfg, t["checkpoint_uri"], Path(tmp) / f"ckpt-{i}")
             model, meta = load_classifier(d / t["member_file"])
-            members.append(Member(name=f"{t['model']}@lr{t['lr']:g}", model=model, weight=1.0 / len(chosen), meta=meta))
+            members.append(
+                Member(name=f"{t['model']}@lr{t['lr']:g}", model=model, weight=1.0 / len(chosen), meta=meta)
+            )
         shape = tuple(int(s) for s in images.shape[1:])
         info = {"dataset_id": chosen[0]["dataset_id"], "config_hash": cfg.hash()}
         equal = EnsemblePredictor(members, shape, cfg.ensemble.threshold, info)
@@ -91,16 +93,25 @@ def build_ensemble(cfg: Config) -> dict[str, Any]:
         tracking.log_metrics(
             cfg,
             run_id,
-            {"val_auc": val_auc, **{f"weight_{j}": float(w) for j, w in enumerate(weights)},
-             **{f"member_val_auc_{j}": a for j, a in enumerate(member_aucs)}},
+            {
+                "val_auc": val_auc,
+                **{f"weight_{j}": float(w) for j, w in enumerate(weights)},
+                **{f"member_val_auc_{j}": a for j, a in enumerate(member_aucs)},
+            },
         )
         registered = tracking.register_ensemble(cfg, run_id, out_dir)
         tracking.end_run(cfg, run_id)
 
     result = {
         "members": [
-            {"name": m.name, "model": t["model"], "lr": t["lr"], "val_auc": a, "weight": float(w),
-             "mlflow_run_id": t["mlflow_run_id"]}
+            {
+                "name": m.name,
+                "model": t["model"],
+                "lr": t["lr"],
+                "val_auc": a,
+                "weight": float(w),
+                "mlflow_run_id": t["mlflow_run_id"],
+            }
             for m, t, a, w in zip(members, chosen, member_aucs, weights, strict=True)
         ],
         "ensemble_weights": [float(w) for w in weights],

@@ -28,7 +28,9 @@ def pick_queries(labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
     k = min(n // 2, len(pos))
-    idx = np.concatenate([rng.choice(pos, k, replace=False), rng.choice(neg, min(n - k, len(neg)), replace=False)])
+    idx = np.concatenate(
+        [rng.choice(pos, k, replace=False), rng.choice(neg, min(n - k, len(neg)), replace=False)]
+    )
     return np.sort(idx)
 
 
@@ -73,7 +75,7 @@ def run_pipeline(cfg: Config, n_queries: int = 8, keep_serving: bool = False) ->
         "dataset_id": manifest["dataset_id"],
         "n_images": sum(s["rows"] for s in manifest["splits"].values()),
         "trials": [
-            {"model": t["model"], "lr": t["lr"], "val_auc": t.get("val_auc"), "finished": t["finished"]}
+            {"model": t["model"], "lr": t["lr"], "val_auc": t.get("val_auc"), "usable": t["usable"]}
             for t in tuned["trials"]
         ],
         "members": [{"model": m["model"], "lr": m["lr"], "val_auc": m["val_auc"]} for m in ens["members"]],

@@ -90,7 +90,11 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 def start_run(
-    cfg: Config, run_name: str, stage: str, dataset_id: str | None = None, params: dict[str, Any] | None = None
+    cfg: Config,
+    run_name: str,
+    stage: str,
+    dataset_id: str | None = None,
+    params: dict[str, Any] | None = None,
 ) -> str:
     """Create a run carrying the full config, its hash, the dataset id and the git sha; returns its id."""
     from mlflow.entities import Param
@@ -203,6 +207,9 @@ def download_champion(cfg: Config, dst_dir: Path) -> dict[str, Any]:
             f"no model {name}@{alias} in the registry at {tracking_uri_for(cfg)} "
             f"(run `lensmill ensemble` first): {exc}"
         ) from exc
+    # models:/ URIs resolve through the process-global registry URI: set it for this process.
+    mlflow.set_tracking_uri(tracking_uri_for(cfg))
+    mlflow.set_registry_uri(tracking_uri_for(cfg))
     local = mlflow.artifacts.download_artifacts(
         artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(dst_dir), tracking_uri=tracking_uri_for(cfg)
     )

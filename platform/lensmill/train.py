@@ -8,6 +8,7 @@ run returns its recorded summary without training again.
 
 from __future__ import annotations
 
+import json
 import math
 import tempfile
 import time
@@ -20,13 +21,24 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 
 from lensmill import tracking
 from lensmill.config import Config
-from lensmill.models import LensClassifier, load_classifier, save_classifier
+from lensmill.models import LensClassifier, save_classifier
 from lensmill.shards import dataset_uri_for, decode_images, read_manifest, read_shards
-from lensmill.storage import StorageError, is_s3, join_uri, locate, read_json, write_json
+from lensmill.storage import (
+    StorageError,
+    absolute_uri,
+    is_s3,
+    join_uri,
+    list_files,
+    locate,
+    read_json,
+    write_json,
+)
 
 MEMBER_FILE = "model.pt"
 STATE_FILE = "state.pt"
 SUMMARY_FILE = "lensmill_result.json"
+RUN_INFO_FILE = "run_info.json"
+METRICS_FILE = "metrics.json"
 NORM_SAMPLE_ROWS = 4096
 
 
@@ -38,7 +50,10 @@ class ImageCollate(NumpyBatchCollateFn):
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         images = decode_images(batch["image"], self.shape)
-        return {"image": torch.from_numpy(images), "label": torch.as_tensor(batch["label"], dtype=torch.float32)}
+        return {
+            "image": torch.from_numpy(images),
+            "label": torch.as_tensor(batch["label"], dtype=torch.float32),
+        }
 
 
 def dihedral_augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -158,7 +173,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             ckpt = None
             if rank == 0:
                 inner = getattr(model, "module", model)
-                save_classifier(inner, Path(tmp) / MEMBER_FILE, {"epoch": epoch, "val_auc": metrics["val_auc"]})
+                save_classifier(
+                    inner, Path(tmp) / MEMBER_FILE, {"epoch": epoch, "val_auc": metrics["val_auc"]}
+                )
                 state = {
                     "model": inner.state_dict(),
                     "optimizer": optimizer.state_dict(),
@@ -167,6 +184,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                     "history": history,
                 }
                 torch.save(state, Path(tmp) / STATE_FILE)
+                (Path(tmp) / METRICS_FILE).write_text(json.dumps({"metrics": metrics, "history": history}))
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
                 if config.get("mlflow_run_id"):
                     cfg = Config.model_validate(config["cfg"])
@@ -194,13 +212,7 @@ def run_name_for(cfg: Config) -> str:
 
 
 def runs_uri(cfg: Config) -> str:
-    from lensmill.storage import absolute_uri
-
     return join_uri(absolute_uri(cfg.storage.root), "runs")
-
-
-def _checkpoint_uri(cfg: Config, path: str) -> str:
-    return f"s3://{path}" if is_s3(cfg.storage.root) and not path.startswith("s3://") else path
 
 
 def fit(
@@ -245,19 +257,30 @@ def fit(
         "mlflow_run_id": run_id,
         "fail_at_epoch": t.fail_at_epoch,
     }
+    write_json(
+        join_uri(runs_uri(cfg), run_name, RUN_INFO_FILE),
+        {"run_name": run_name, "model": t.model, "lr": t.lr, "dataset_uri": dataset_uri,
+         "dataset_id": manifest["dataset_id"], "mlflow_run_id": run_id, "image_shape": list(shape),
+         "in_chans": shape[0]},
+        cfg.storage,
+    )  # fmt: skip
     runs = locate(runs_uri(cfg), cfg.storage)
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(
+            num_workers=t.num_workers, use_gpu=use_gpu, resources_per_worker=resources
+        ),
         run_config=RunConfig(
             name=run_name,
             storage_path=runs.path,
             storage_filesystem=runs.filesystem if is_s3(runs.uri) else None,
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(
-                num_to_keep=t.keep_checkpoints, checkpoint_score_attribute="val_auc", checkpoint_score_order="max"
+                num_to_keep=t.keep_checkpoints,
+                checkpoint_score_attribute="val_auc",
+                checkpoint_score_order="max",
             ),
             callbacks=callbacks,
         ),
@@ -267,36 +290,51 @@ def fit(
         },
     )
     try:
-        result = trainer.fit()
+        trainer.fit()
     except Exception:
         tracking.end_run(cfg, run_id, ok=False)
         raise
-    best_ckpt, best = max(
-        result.best_checkpoints, key=lambda cm: -math.inf if math.isnan(cm[1]["val_auc"]) else cm[1]["val_auc"]
-    )
-    with best_ckpt.as_directory() as d:
-        _, meta = load_classifier(Path(d) / MEMBER_FILE)
-        history = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)["history"]
+    return summarize_run(cfg, run_name)
+
+
+def summarize_run(cfg: Config, run_name: str, stopped_early: bool = False) -> dict[str, Any]:
+    """The run's summary, rebuilt from what is in storage alone (so it also works for a trial that
+    Tune stopped mid-run); written next to the checkpoints and closing the run's MLflow record."""
+    run_uri = join_uri(runs_uri(cfg), run_name)
+    info = read_json(join_uri(run_uri, RUN_INFO_FILE), cfg.storage)
+    reports = [
+        (uri.rsplit("/", 2)[-2], read_json(uri, cfg.storage))
+        for uri in list_files(run_uri, cfg.storage)
+        if uri.endswith(f"/{METRICS_FILE}") and uri.rsplit("/", 2)[-2].startswith("epoch-")
+    ]
+    if not reports:
+        raise RuntimeError(f"run {run_name} has no checkpoint under {run_uri}")
+
+    def score(r: tuple[str, dict]) -> float:
+        auc = r[1]["metrics"]["val_auc"]
+        return -math.inf if math.isnan(auc) else auc
+
+    best_dir, best = max(reports, key=score)
+    latest = max(reports, key=lambda r: r[1]["metrics"]["epoch"])[1]
     summary = {
-        "run_name": run_name,
-        "model": t.model,
-        "lr": t.lr,
-        "dataset_uri": dataset_uri,
-        "dataset_id": manifest["dataset_id"],
-        "val_auc": best["val_auc"],
-        "best_epoch": best["epoch"],
-        "epochs_run": len(result.metrics_dataframe) if result.metrics_dataframe is not None else None,
-        "checkpoint_uri": _checkpoint_uri(cfg, best_ckpt.path),
+        **info,
+        "val_auc": best["metrics"]["val_auc"],
+        "best_epoch": best["metrics"]["epoch"],
+        "epochs_run": len(latest["history"]),
+        "stopped_early": stopped_early,
+        "checkpoint_uri": join_uri(run_uri, best_dir),
         "member_file": MEMBER_FILE,
-        "mlflow_run_id": run_id,
-        "history": history,
-        "image_shape": list(shape),
-        "in_chans": meta["in_chans"],
+        "history": latest["history"],
     }
-    tracking.log_metrics(cfg, run_id, {"best_val_auc": best["val_auc"], "best_epoch": best["epoch"]})
-    tracking.log_dict(cfg, run_id, history, "history.json")
+    run_id = info["mlflow_run_id"]
+    tracking.log_metrics(
+        cfg, run_id, {"best_val_auc": summary["val_auc"], "best_epoch": summary["best_epoch"]}
+    )
+    tracking.log_dict(cfg, run_id, latest["history"], "history.json")
+    if stopped_early:
+        tracking.client(cfg).set_tag(run_id, "lensmill.stopped_early", "true")
     tracking.end_run(cfg, run_id)
-    write_json(summary_uri, summary, cfg.storage)
+    write_json(join_uri(run_uri, SUMMARY_FILE), summary, cfg.storage)
     return summary
 
 

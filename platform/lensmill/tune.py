@@ -11,7 +11,7 @@ from typing import Any
 from lensmill import tracking
 from lensmill.config import Config
 from lensmill.storage import StorageError, is_s3, join_uri, locate, read_json, write_json
-from lensmill.train import SUMMARY_FILE, fit, run_name_for, runs_uri
+from lensmill.train import SUMMARY_FILE, fit, run_name_for, runs_uri, summarize_run
 
 TUNE_FILE = "tune_results.json"
 
@@ -26,8 +26,16 @@ def trial_config(base: Config, model: str, lr: float) -> Config:
 def _trial(params: dict[str, Any], base: dict[str, Any], parent_run_id: str) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    cfg = trial_config(Config.model_validate(base), params["model"], params["lr"])
+    cfg = trial_config(Config.model_validate(base), params["trial"]["model"], params["trial"]["lr"])
     fit(cfg, callbacks=[TuneReportCallback()], parent_run_id=parent_run_id)
+
+
+def _read_summary(cfg: Config, pair: dict[str, Any]) -> dict[str, Any] | None:
+    name = run_name_for(trial_config(cfg, pair["model"], pair["lr"]))
+    try:
+        return read_json(join_uri(runs_uri(cfg), name, SUMMARY_FILE), cfg.storage)
+    except StorageError:
+        return None
 
 
 def tune_results_uri(cfg: Config) -> str:
@@ -35,54 +43,72 @@ def tune_results_uri(cfg: Config) -> str:
 
 
 def tune_architectures(cfg: Config) -> dict[str, Any]:
-    """Run the search; returns {"trials": [...]} with each finished trial's ``fit`` summary."""
+    """Run the search; returns {"trials": [...]} with each trial's summary. A trial ASHA stopped early
+    still counts, with its best checkpoint so far (``stopped_early``); only trials that never
+    checkpointed are left out of the ensemble's candidates."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
     t = cfg.tune
     parent = tracking.start_run(cfg, f"{cfg.name}-tune", "tune")
-    # Trials whose run finished before (same config) return at once from fit(): the search resumes.
-    runs = locate(runs_uri(cfg), cfg.storage)
-    scheduler = ASHAScheduler(
-        max_t=cfg.train.epochs, grace_period=min(t.grace_period_epochs, cfg.train.epochs), reduction_factor=2
-    )
-    tuner = tune.Tuner(
-        # The trial itself only drives the Train controller and workers: a sliver of a CPU.
-        tune.with_resources(tune.with_parameters(_trial, base=cfg.model_dump(mode="json"), parent_run_id=parent),
-                            {"cpu": 0.1}),
-        param_space={"model": tune.grid_search(list(t.models)), "lr": tune.grid_search(list(t.lrs))},
-        tune_config=tune.TuneConfig(
-            metric=t.metric,
-            mode="max" if t.metric == "val_auc" else "min",
-            scheduler=scheduler,
-            max_concurrent_trials=t.max_concurrent_trials,
-        ),
-        run_config=tune.RunConfig(
-            name=f"{cfg.name}-tune-{cfg.hash()[:8]}",
-            storage_path=runs.path,
-            storage_filesystem=runs.filesystem if is_s3(runs.uri) else None,
-        ),
-    )
-    grid = tuner.fit()
+    pairs = [{"model": m, "lr": lr} for m in t.models for lr in t.lrs]
+    done = {i: _read_summary(cfg, p) for i, p in enumerate(pairs)}
+    # Runs finished before (same config) are not trained again: the search resumes where it stopped.
+    todo = [p for i, p in enumerate(pairs) if done[i] is None]
+    errors: dict[tuple[str, float], str] = {}
+    if todo:
+        runs = locate(runs_uri(cfg), cfg.storage)
+        scheduler = ASHAScheduler(
+            max_t=cfg.train.epochs,
+            grace_period=min(t.grace_period_epochs, cfg.train.epochs),
+            reduction_factor=2,
+        )
+        tuner = tune.Tuner(
+            # The trial itself only drives the Train controller and workers: a sliver of a CPU.
+            tune.with_resources(
+                tune.with_parameters(_trial, base=cfg.model_dump(mode="json"), parent_run_id=parent),
+                {"cpu": 0.1},
+            ),
+            param_space={"trial": tune.grid_search(todo)},
+            tune_config=tune.TuneConfig(
+                metric=t.metric,
+                mode="max" if t.metric == "val_auc" else "min",
+                scheduler=scheduler,
+                max_concurrent_trials=t.max_concurrent_trials,
+            ),
+            run_config=tune.RunConfig(
+                name=f"{cfg.name}-tune-{cfg.hash()[:8]}",
+                storage_path=runs.path,
+                storage_filesystem=runs.filesystem if is_s3(runs.uri) else None,
+            ),
+        )
+        for result in tuner.fit():
+            if result.error:
+                p = result.config["trial"]
+                errors[(p["model"], p["lr"])] = str(result.error)
     trials: list[dict[str, Any]] = []
-    for result in grid:
-        params = result.config
-        name = run_name_for(trial_config(cfg, params["model"], params["lr"]))
-        try:
-            summary = read_json(join_uri(runs_uri(cfg), name, SUMMARY_FILE), cfg.storage)
-        except StorageError:  # stopped early by ASHA, or failed: not a candidate
-            trials.append({"model": params["model"], "lr": params["lr"], "run_name": name, "finished": False,
-                           "error": str(result.error) if result.error else "stopped early"})
-            continue
-        trials.append({**summary, "finished": True})
-    finished = [x for x in trials if x["finished"]]
-    if not finished:
+    for i, p in enumerate(pairs):
+        name = run_name_for(trial_config(cfg, p["model"], p["lr"]))
+        summary = done[i] or _read_summary(cfg, p)
+        if summary is None:
+            try:  # ASHA stopped it (the trial process is gone): summarise from its checkpoints
+                summary = summarize_run(cfg, name, stopped_early=True)
+            except (StorageError, RuntimeError) as exc:  # failed before its first checkpoint
+                err = errors.get((p["model"], p["lr"]), str(exc))
+                trials.append({**p, "run_name": name, "usable": False, "error": err})
+                continue
+        trials.append({**summary, "usable": True})
+    usable = [x for x in trials if x["usable"]]
+    if not usable:
         tracking.end_run(cfg, parent, ok=False)
-        raise RuntimeError(f"no tune trial finished: {[x.get('error') for x in trials]}")
-    best = max(finished, key=lambda x: x["val_auc"])
-    tracking.log_metrics(cfg, parent, {"best_val_auc": best["val_auc"], "trials_finished": len(finished)})
-    out = {"trials": trials, "best": {"model": best["model"], "lr": best["lr"], "val_auc": best["val_auc"]},
-           "mlflow_run_id": parent}
+        raise RuntimeError(f"no tune trial produced a checkpoint: {[x.get('error') for x in trials]}")
+    best = max(usable, key=lambda x: x["val_auc"])
+    tracking.log_metrics(cfg, parent, {"best_val_auc": best["val_auc"], "trials_usable": len(usable)})
+    out = {
+        "trials": trials,
+        "best": {"model": best["model"], "lr": best["lr"], "val_auc": best["val_auc"]},
+        "mlflow_run_id": parent,
+    }
     tracking.log_dict(cfg, parent, out, TUNE_FILE)
     tracking.end_run(cfg, parent)
     write_json(tune_results_uri(cfg), out, cfg.storage)
@@ -93,4 +119,6 @@ def load_tune_results(cfg: Config) -> dict[str, Any]:
     try:
         return read_json(tune_results_uri(cfg), cfg.storage)
     except StorageError as exc:
-        raise StorageError(f"no tune results for config name {cfg.name!r} (run `lensmill tune` first): {exc}") from exc
+        raise StorageError(
+            f"no tune results for config name {cfg.name!r} (run `lensmill tune` first): {exc}"
+        ) from exc

@@ -26,10 +26,10 @@ def test_search_weights_prefers_the_informative_member():
 
 def test_select_members_takes_best_of_each_architecture_first():
     trials = [
-        {"model": "a", "val_auc": 0.99, "finished": True, "lr": 1},
-        {"model": "a", "val_auc": 0.98, "finished": True, "lr": 2},
-        {"model": "b", "val_auc": 0.90, "finished": True, "lr": 1},
-        {"model": "c", "val_auc": 0.97, "finished": False, "lr": 1},
+        {"model": "a", "val_auc": 0.99, "usable": True, "lr": 1},
+        {"model": "a", "val_auc": 0.98, "usable": True, "lr": 2},
+        {"model": "b", "val_auc": 0.90, "usable": True, "lr": 1},
+        {"model": "c", "val_auc": 0.97, "usable": False, "lr": 1},
     ]
     chosen = select_members(trials, 2)
     assert [(t["model"], t["lr"]) for t in chosen] == [("a", 1), ("b", 1)]
