@@ -73,7 +73,7 @@ class SimConfig(_Frozen):
     lens_mag: Range = Range(min=18.5, max=20.5)
     lens_r_sersic_arcsec: Range = Range(min=0.5, max=1.5)
     lens_n_sersic: Range = Range(min=2.5, max=4.5)
-    source_mag: Range = Range(min=21.0, max=23.0)
+    source_mag: Range = Range(min=21.5, max=24.0)
     source_r_sersic_arcsec: Range = Range(min=0.1, max=0.4)
     source_n_sersic: Range = Range(min=0.8, max=2.0)
     source_e_max: float = Field(0.4, ge=0, lt=1)

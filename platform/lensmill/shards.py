@@ -1,0 +1,394 @@
+"""Ray Data: seeds -> Simulator -> Parquet shards + manifest; and the readers of such a dataset.
+
+Layout under a dataset URI (``{root}/datasets/{dataset_id}`` unless ``cfg.dataset_uri`` is set)::
+
+    train/part-00000.parquet ... val/... test/...   one row per image
+    manifest.json                                   written last: a dataset without it is never read
+
+Each shard is rendered by one actor call, serialised in memory and written atomically, so a shard file
+is whole or absent. Rows are seeded per row (``simulate.row_rng``) and labelled per row id
+(``simulate.label_for``), so the bytes of a shard do not depend on worker or block counts, and a
+rerun renders only the shards that are missing: shards already present are checked (row count,
+embedded shard description) and kept.
+
+Columns: ``image`` (binary, float32 C-order bytes of C x H x W), ``label`` (int64), ``split``,
+``row_id`` (int64, within the split), ``seed`` (the config seed), then every ``PARAM_KEYS`` column
+(float64, NaN where a parameter does not apply).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+import lensmill
+from lensmill.config import Config, SimConfig, StorageConfig, stable_hash
+from lensmill.simulate import PARAM_KEYS, Simulator, label_for, n_positives, row_rng
+from lensmill.storage import (
+    StorageError,
+    absolute_uri,
+    exists,
+    join_uri,
+    list_files,
+    locate,
+    read_bytes,
+    read_json,
+    write_bytes,
+    write_json,
+)
+
+log = logging.getLogger(__name__)
+
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+# Key of the shard description embedded in each Parquet file's schema metadata.
+_SHARD_META_KEY = b"lensmill.shard"
+# Row groups of about this size: large enough for fast scans, small enough to stream.
+_ROW_GROUP_BYTES = 32 * 2**20
+
+
+class DatasetError(ValueError):
+    """A dataset that is incomplete, inconsistent or asked for something it does not hold."""
+
+
+# -- identity and layout ------------------------------------------------------------------------
+
+
+def _versions() -> dict[str, str]:
+    import lenstronomy
+    import ray
+
+    return {
+        "lensmill": lensmill.__version__,
+        "lenstronomy": lenstronomy.__version__,
+        "ray": ray.__version__,
+        "pyarrow": pa.__version__,
+    }
+
+
+def dataset_id_for(sim: SimConfig) -> str:
+    """Content address of a dataset: the sim config, the shard format and the versions that render it."""
+    import lenstronomy
+
+    return stable_hash(
+        {
+            "sim": sim.model_dump(mode="json"),
+            "format_version": FORMAT_VERSION,
+            # Ray and pyarrow only move bytes around; the pixels depend on these two.
+            "versions": {"lensmill": lensmill.__version__, "lenstronomy": lenstronomy.__version__},
+        }
+    )
+
+
+def dataset_uri_for(cfg: Config) -> str:
+    """``cfg.dataset_uri`` when set, else ``{storage.root}/datasets/{dataset_id}`` (absolute)."""
+    if cfg.dataset_uri:
+        return absolute_uri(cfg.dataset_uri)
+    return join_uri(absolute_uri(cfg.storage.root), "datasets", dataset_id_for(cfg.sim))
+
+
+def split_rows(sim: SimConfig, split: str) -> int:
+    if split not in SPLITS:
+        raise DatasetError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
+    return {"train": sim.n_train, "val": sim.n_val, "test": sim.n_test}[split]
+
+
+def shard_specs(sim: SimConfig) -> list[dict[str, Any]]:
+    """Every shard of a dataset: split, index, first row id, row count and relative path."""
+    specs = []
+    for split in SPLITS:
+        n = split_rows(sim, split)
+        for index, start in enumerate(range(0, n, sim.rows_per_shard)):
+            specs.append(
+                {
+                    "split": split,
+                    "index": index,
+                    "row_start": start,
+                    "rows": min(sim.rows_per_shard, n - start),
+                    "path": f"{split}/part-{index:05d}.parquet",
+                }
+            )
+    return specs
+
+
+# -- one shard ----------------------------------------------------------------------------------
+
+
+def render_shard(simulator: Simulator, split: str, row_start: int, rows: int) -> pa.Table:
+    """Render rows ``row_start .. row_start + rows - 1`` of a split into an Arrow table."""
+    sim = simulator.sim
+    images: list[bytes] = []
+    labels = np.empty(rows, np.int64)
+    params: dict[str, list[float]] = {k: [] for k in PARAM_KEYS}
+    for i in range(rows):
+        row_id = row_start + i
+        labels[i] = label_for(row_id, sim.positive_fraction)
+        image, p = simulator.render(row_rng(sim.seed, split, row_id), int(labels[i]))
+        images.append(np.ascontiguousarray(image).tobytes())
+        for k in PARAM_KEYS:
+            params[k].append(p[k])
+    columns: dict[str, pa.Array] = {
+        "image": pa.array(images, pa.binary()),
+        "label": pa.array(labels, pa.int64()),
+        "split": pa.array([split] * rows, pa.string()),
+        "row_id": pa.array(np.arange(row_start, row_start + rows, dtype=np.int64)),
+        "seed": pa.array(np.full(rows, sim.seed, np.int64)),
+    }
+    columns |= {k: pa.array(np.asarray(v, np.float64)) for k, v in params.items()}
+    return pa.table(columns)
+
+
+def shard_to_bytes(table: pa.Table, description: dict[str, Any]) -> bytes:
+    """Serialise a shard in memory (uncompressed: noisy float32 barely compresses and reads slower)."""
+    table = table.replace_schema_metadata({_SHARD_META_KEY: json.dumps(description, sort_keys=True).encode()})
+    row_bytes = max(1, table.nbytes // max(1, table.num_rows))
+    sink = pa.BufferOutputStream()
+    pq.write_table(
+        table,
+        sink,
+        compression="none",
+        row_group_size=max(1, _ROW_GROUP_BYTES // row_bytes),
+        # Page CRCs let a resumed run tell a damaged shard from an intact one without a manifest.
+        write_page_checksum=True,
+    )
+    return sink.getvalue().to_pybytes()
+
+
+def _shard_description(dataset_id: str, spec: dict[str, Any]) -> dict[str, Any]:
+    keys = ("split", "index", "row_start", "rows")
+    return {"dataset_id": dataset_id, "format_version": FORMAT_VERSION, **{k: spec[k] for k in keys}}
+
+
+def _label_sum(column: pa.ChunkedArray) -> int:
+    return int(pc.sum(column).as_py() or 0)
+
+
+def _intact_shard(data: bytes, description: dict[str, Any]) -> int | None:
+    """Positives of an existing shard file when it is the shard described and reads back whole
+    (footer, page checksums, row count), else None."""
+    try:
+        pf = pq.ParquetFile(pa.BufferReader(data), page_checksum_verification=True)
+        meta = pf.schema_arrow.metadata or {}
+        if json.loads(meta.get(_SHARD_META_KEY, b"{}")) != description:
+            return None
+        table = pf.read()
+        if (
+            table.num_rows != description["rows"]
+            or table.column("row_id")[0].as_py() != description["row_start"]
+        ):
+            return None
+        return _label_sum(table.column("label"))
+    except (pa.ArrowException, ValueError, OSError, KeyError):
+        return None
+
+
+class ShardWriter:
+    """Ray Data actor: builds one Simulator, then renders and writes one shard per call."""
+
+    def __init__(
+        self, sim: dict[str, Any], dataset_uri: str, storage: dict[str, Any], dataset_id: str
+    ) -> None:
+        self.sim = SimConfig.model_validate(sim)
+        self.simulator = Simulator(self.sim)
+        self.dataset_uri = dataset_uri
+        self.storage = StorageConfig.model_validate(storage)
+        self.dataset_id = dataset_id
+
+    def write(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """Write (or keep, when intact) one shard; its manifest entry."""
+        uri = join_uri(self.dataset_uri, spec["path"])
+        description = _shard_description(self.dataset_id, spec)
+        if spec.get("exists"):
+            data = read_bytes(uri, self.storage)
+            positives = _intact_shard(data, description)
+            if positives is not None:
+                return self._entry(spec, positives, data, rendered=False)
+            log.warning("shard %s is not the expected shard: rendering it again", uri)
+        table = render_shard(self.simulator, spec["split"], spec["row_start"], spec["rows"])
+        data = shard_to_bytes(table, description)
+        write_bytes(uri, data, self.storage)
+        return self._entry(spec, _label_sum(table.column("label")), data, rendered=True)
+
+    @staticmethod
+    def _entry(spec: dict[str, Any], positives: int, data: bytes, rendered: bool) -> dict[str, Any]:
+        return {
+            "path": spec["path"],
+            "split": spec["split"],
+            "index": int(spec["index"]),
+            "rows": int(spec["rows"]),
+            "positives": int(positives),
+            "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "rendered": rendered,
+        }
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
+        n = len(batch["path"])
+        entries = [self.write({k: _py(v[i]) for k, v in batch.items()}) for i in range(n)]
+        return {k: [e[k] for e in entries] for k in entries[0]} if entries else {}
+
+
+def _py(value: Any) -> Any:
+    """numpy scalars (as Ray Data hands them out) -> Python scalars (JSON, pydantic)."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+# -- the dataset --------------------------------------------------------------------------------
+
+
+def _pool_size(n_tasks: int) -> int:
+    import ray
+
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    return max(1, min(n_tasks, cpus))
+
+
+def write_shards(cfg: Config) -> dict[str, Any]:
+    """Render the dataset of ``cfg`` with Ray Data (Ray must be initialised); its manifest.
+
+    Resumable: an existing manifest is returned as is; otherwise intact shards are kept and only the
+    missing ones are rendered. The manifest is written last.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        raise RuntimeError("write_shards needs a running Ray: call ray.init() (or use lensmill's CLI) first")
+    uri = dataset_uri_for(cfg)
+    storage = cfg.storage
+    if exists(join_uri(uri, MANIFEST), storage):
+        log.info("dataset %s is complete: nothing to render", uri)
+        return read_manifest(uri, storage)
+
+    sim = cfg.sim
+    dataset_id = dataset_id_for(sim)
+    present = set(list_files(uri, storage))
+    specs = [{**s, "exists": join_uri(uri, s["path"]) in present} for s in shard_specs(sim)]
+    todo = sum(not s["exists"] for s in specs)
+    log.info("dataset %s: %d shards, %d to render, %d to check", uri, len(specs), todo, len(specs) - todo)
+
+    # One block per shard, so that the actor pool spreads shards over its actors.
+    ds = ray.data.from_items(specs, override_num_blocks=len(specs)).map_batches(
+        ShardWriter,
+        fn_constructor_kwargs={
+            "sim": sim.model_dump(mode="json"),
+            "dataset_uri": uri,
+            "storage": storage.model_dump(mode="json"),
+            "dataset_id": dataset_id,
+        },
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=_pool_size(max(1, todo))),
+        num_cpus=1,
+    )
+    rows = [{k: _py(v) for k, v in row.items()} for row in ds.take_all()]
+    entries = sorted(rows, key=lambda e: (SPLITS.index(e["split"]), e["index"]))
+    if len(entries) != len(specs):
+        raise DatasetError(f"expected {len(specs)} shards under {uri}, got {len(entries)}")
+
+    manifest = _build_manifest(sim, dataset_id, entries)
+    write_json(join_uri(uri, MANIFEST), manifest, storage)
+    rendered = sum(e["rendered"] for e in entries)
+    log.info("dataset %s written: %d shards rendered, %d kept", uri, rendered, len(entries) - rendered)
+    return manifest
+
+
+def _build_manifest(sim: SimConfig, dataset_id: str, entries: list[dict[str, Any]]) -> dict[str, Any]:
+    splits = {}
+    for split in SPLITS:
+        rows = sum(e["rows"] for e in entries if e["split"] == split)
+        pos = sum(e["positives"] for e in entries if e["split"] == split)
+        if rows != split_rows(sim, split) or pos != n_positives(rows, sim.positive_fraction):
+            raise DatasetError(f"split {split}: {rows} rows / {pos} positives do not match the config")
+        splits[split] = {"rows": rows, "positives": pos, "negatives": rows - pos}
+    keys = ("path", "split", "rows", "positives", "bytes", "sha256")
+    return {
+        "format_version": FORMAT_VERSION,
+        "dataset_id": dataset_id,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "image_shape": [len(sim.bands), sim.image_size_px, sim.image_size_px],
+        "image_dtype": "float32",
+        "image_unit": "e-/s per pixel, sky subtracted",
+        "bands": list(sim.bands),
+        "pixel_scale_arcsec": sim.pixel_scale_arcsec,
+        "columns": ["image", "label", "split", "row_id", "seed", *PARAM_KEYS],
+        "splits": splits,
+        "files": [{k: e[k] for k in keys} for e in entries],
+        "config": sim.model_dump(mode="json"),
+        "versions": _versions(),
+    }
+
+
+def read_manifest(dataset_uri: str, storage: StorageConfig) -> dict[str, Any]:
+    """The manifest of a complete dataset; ``DatasetError`` when there is none (incomplete dataset)."""
+    uri = join_uri(absolute_uri(dataset_uri), MANIFEST)
+    try:
+        if not exists(uri, storage):
+            raise DatasetError(f"incomplete dataset: no {MANIFEST} at {absolute_uri(dataset_uri)}")
+        manifest = read_json(uri, storage)
+    except StorageError as exc:
+        raise DatasetError(f"cannot read the manifest of {dataset_uri}: {exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise DatasetError(f"corrupt {MANIFEST} at {dataset_uri}: {exc}") from exc
+    missing = {"dataset_id", "image_shape", "splits", "files"} - set(manifest)
+    if missing:
+        raise DatasetError(f"{MANIFEST} at {dataset_uri} lacks {sorted(missing)}")
+    return manifest
+
+
+def _split_files(manifest: dict[str, Any], dataset_uri: str, split: str) -> list[dict[str, Any]]:
+    if split not in manifest["splits"]:
+        raise DatasetError(f"dataset {dataset_uri} has no split {split!r}; it has {list(manifest['splits'])}")
+    return [f for f in manifest["files"] if f["split"] == split]
+
+
+def read_shards(dataset_uri: str, split: str, storage: StorageConfig) -> Any:
+    """A ``ray.data.Dataset`` over exactly the files the manifest lists for ``split`` (in order)."""
+    import ray
+
+    manifest = read_manifest(dataset_uri, storage)
+    files = _split_files(manifest, dataset_uri, split)
+    locs = [locate(join_uri(absolute_uri(dataset_uri), f["path"]), storage) for f in files]
+    return ray.data.read_parquet([loc.path for loc in locs], filesystem=locs[0].filesystem)
+
+
+def decode_images(column: Any, shape: tuple[int, int, int]) -> np.ndarray:
+    """A batch's ``image`` column (bytes objects, or an Arrow binary array) -> writable (N, C, H, W)."""
+    if isinstance(column, pa.ChunkedArray | pa.Array):
+        column = column.to_numpy(zero_copy_only=False)
+    n = len(column)
+    expected = int(np.prod(shape)) * 4
+    # bytearray.join: one copy into a writable buffer (torch.from_numpy wants writable arrays).
+    buf = bytearray().join(column)
+    if len(buf) != n * expected:
+        raise DatasetError(
+            f"image bytes do not match shape {tuple(shape)} float32: {len(buf)} bytes for {n} images"
+        )
+    return np.frombuffer(buf, np.float32).reshape(n, *shape)
+
+
+def load_split(
+    dataset_uri: str, split: str, storage: StorageConfig
+) -> tuple[np.ndarray, np.ndarray, pa.Table]:
+    """In-process read of one split: images (N, C, H, W) float32, labels (N,) int64, other columns."""
+    manifest = read_manifest(dataset_uri, storage)
+    files = _split_files(manifest, dataset_uri, split)
+    tables = []
+    for f in files:
+        uri = join_uri(absolute_uri(dataset_uri), f["path"])
+        data = read_bytes(uri, storage)
+        if "sha256" in f and hashlib.sha256(data).hexdigest() != f["sha256"]:
+            raise DatasetError(f"{uri} does not match the checksum in its manifest")
+        tables.append(pq.read_table(io.BytesIO(data)).replace_schema_metadata(None))
+    table = pa.concat_tables(tables)
+    images = decode_images(table.column("image"), tuple(manifest["image_shape"]))
+    labels = table.column("label").to_numpy().astype(np.int64)
+    return images, labels, table.drop_columns(["image", "label"])
