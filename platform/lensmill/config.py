@@ -13,11 +13,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names what was wrong."""
+
+
+def _absolute_local(uri: str) -> str:
+    if "://" in uri and not uri.startswith("file://"):
+        return uri.rstrip("/")
+    return str(Path(uri.removeprefix("file://")).expanduser().resolve())
 
 
 class _Frozen(BaseModel):
@@ -40,10 +46,16 @@ class Range(_Frozen):
 class StorageConfig(_Frozen):
     """Where everything lives: a local folder or ``s3://bucket/prefix``."""
 
-    root: str = "./lensmill-data"
+    root: str = Field("./lensmill-data", validate_default=True)
     # S3-compatible endpoint (MinIO, moto, ...); None means AWS itself.
     s3_endpoint_url: str | None = None
     s3_region: str = "us-east-1"
+
+    @field_validator("root")
+    @classmethod
+    def _absolute(cls, root: str) -> str:
+        # Ray workers and Tune trials run in other folders: pin local paths where the config was loaded.
+        return _absolute_local(root)
 
 
 class SimConfig(_Frozen):
@@ -170,7 +182,8 @@ class RayConfig(_Frozen):
 
 class Config(_Frozen):
     name: str = "demo"
-    storage: StorageConfig = StorageConfig()
+    # A factory: the storage root is resolved against the working folder when the config is made.
+    storage: StorageConfig = Field(default_factory=StorageConfig)
     sim: SimConfig = SimConfig()
     train: TrainConfig = TrainConfig()
     tune: TuneConfig = TuneConfig()
@@ -180,6 +193,11 @@ class Config(_Frozen):
     ray: RayConfig = RayConfig()
     # Set to reuse an existing dataset instead of the one this config's sim section describes.
     dataset_uri: str | None = None
+
+    @field_validator("dataset_uri")
+    @classmethod
+    def _absolute(cls, uri: str | None) -> str | None:
+        return None if uri is None else _absolute_local(uri)
 
     def hash(self) -> str:
         """A short stable hash of the whole config (for MLflow tags and run names)."""
