@@ -84,22 +84,49 @@ def create_model(
 
 
 class LensClassifier(nn.Module):
-    """Per-channel normalisation (statistics of the training split) + backbone -> one logit."""
+    """asinh stretch + per-channel standardisation (training-split statistics) + backbone -> one logit.
 
-    def __init__(self, model_name: str, in_chans: int, mean: list[float], std: list[float]) -> None:
+    Sky-subtracted fluxes are heavy-tailed (a galaxy core is ~10^3 x the sky noise). Fed linearly,
+    the rare bright pixels dominate BatchNorm's running variance, and eval-mode outputs collapse
+    towards 0.5. ``asinh(x / scale)`` with ``scale`` at the noise level is linear in the noise and
+    logarithmic in the cores, the stretch astronomers use to look at such images.
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        in_chans: int,
+        mean: list[float],
+        std: list[float],
+        scale: list[float] | None = None,
+    ) -> None:
         super().__init__()
         self.model_name = model_name
         self.backbone = create_model(model_name, in_chans=in_chans, num_classes=1)
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        self.stretch = scale is not None
+        self.register_buffer("scale", _channel_buffer(scale or [1.0] * in_chans))
+        self.register_buffer("mean", _channel_buffer(mean))
+        self.register_buffer("std", _channel_buffer(std))
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        # (N, C, H, W) raw fluxes -> (N, C, H, W) standardised inputs
+        if self.stretch:
+            x = torch.asinh(x / self.scale)
+        return (x - self.mean) / self.std
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # (N, C, H, W) raw fluxes -> (N,) logits
-        return self.backbone((x - self.mean) / self.std).squeeze(-1)
+        return self.backbone(self.normalise(x)).squeeze(-1)
+
+
+def _channel_buffer(values: list[float]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32).view(1, -1, 1, 1)
 
 
 def build_classifier(meta: dict[str, Any]) -> LensClassifier:
-    return LensClassifier(meta["model"], meta["in_chans"], meta["norm_mean"], meta["norm_std"])
+    return LensClassifier(
+        meta["model"], meta["in_chans"], meta["norm_mean"], meta["norm_std"], meta.get("norm_scale")
+    )
 
 
 def save_classifier(model: LensClassifier, path: Path, extra: dict[str, Any] | None = None) -> None:
@@ -110,6 +137,7 @@ def save_classifier(model: LensClassifier, path: Path, extra: dict[str, Any] | N
         "in_chans": int(model.mean.shape[1]),
         "norm_mean": model.mean.flatten().tolist(),
         "norm_std": model.std.flatten().tolist(),
+        "norm_scale": model.scale.flatten().tolist() if model.stretch else None,
     }
     torch.save({**meta, **(extra or {}), "state_dict": model.state_dict()}, path)
 

@@ -36,6 +36,7 @@ from lensmill.simulate import PARAM_KEYS, Simulator, label_for, n_positives, row
 from lensmill.storage import (
     StorageError,
     absolute_uri,
+    ensure_writable,
     exists,
     join_uri,
     list_files,
@@ -269,6 +270,8 @@ def write_shards(cfg: Config) -> dict[str, Any]:
         log.info("dataset %s is complete: nothing to render", uri)
         return read_manifest(uri, storage)
 
+    # Fail in a second, naming the URI, rather than after the actors have rendered the first shards.
+    ensure_writable(uri, storage)
     sim = cfg.sim
     dataset_id = dataset_id_for(sim)
     present = set(list_files(uri, storage))

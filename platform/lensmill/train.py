@@ -111,7 +111,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         torch.set_num_threads(config["torch_threads"])
     torch.manual_seed(config["seed"])  # same init on every rank (DDP also broadcasts rank 0's weights)
     shape = tuple(config["image_shape"])
-    model = LensClassifier(config["model"], shape[0], config["norm_mean"], config["norm_std"])
+    model = LensClassifier(
+        config["model"], shape[0], config["norm_mean"], config["norm_std"], config["norm_scale"]
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config["epochs"])
     start_epoch, history = 0, []
@@ -192,18 +194,22 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch-{epoch:04d}")
 
 
-def norm_stats(dataset_uri: str, cfg: Config, shape: tuple[int, int, int]) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std from a sample of training blocks (random block order, seeded)."""
+def norm_stats(dataset_uri: str, cfg: Config, shape: tuple[int, int, int]) -> dict[str, list[float]]:
+    """Per-channel normalisation from a sample of training blocks (random block order, seeded):
+    the noise scale (1.4826 x median absolute deviation: most pixels are sky) for the asinh stretch,
+    then the mean and std of the stretched pixels."""
     ds = read_shards(dataset_uri, "train", cfg.storage).randomize_block_order(seed=cfg.train.seed)
-    sums, sq_sums, n = np.zeros(shape[0]), np.zeros(shape[0]), 0
-    for batch in ds.limit(NORM_SAMPLE_ROWS).iter_batches(batch_size=1024, batch_format="numpy"):
-        x = decode_images(batch["image"], shape).astype(np.float64)  # (N, C, H, W)
-        sums += x.sum(axis=(0, 2, 3))
-        sq_sums += (x**2).sum(axis=(0, 2, 3))
-        n += x.shape[0] * shape[1] * shape[2]
-    mean = sums / n
-    std = np.sqrt(np.maximum(sq_sums / n - mean**2, 1e-12))
-    return mean.tolist(), std.tolist()
+    batches = ds.limit(NORM_SAMPLE_ROWS).iter_batches(batch_size=1024, batch_format="numpy")
+    x = np.concatenate([decode_images(b["image"], shape) for b in batches])  # (N, C, H, W)
+    per_chan = x.transpose(1, 0, 2, 3).reshape(shape[0], -1).astype(np.float64)  # (C, N*H*W)
+    med = np.median(per_chan, axis=1, keepdims=True)
+    scale = np.maximum(1.4826 * np.median(np.abs(per_chan - med), axis=1), 1e-12)
+    stretched = np.arcsinh(per_chan / scale[:, None])
+    return {
+        "norm_scale": scale.tolist(),
+        "norm_mean": stretched.mean(axis=1).tolist(),
+        "norm_std": np.maximum(stretched.std(axis=1), 1e-6).tolist(),
+    }
 
 
 def run_name_for(cfg: Config) -> str:
@@ -232,10 +238,8 @@ def fit(
     dataset_uri = dataset_uri_for(cfg)
     manifest = read_manifest(dataset_uri, cfg.storage)
     shape = tuple(manifest["image_shape"])
-    mean, std = norm_stats(dataset_uri, cfg, shape)
-    run_id = tracking.start_run(
-        cfg, run_name, "train", manifest["dataset_id"], params={"norm_mean": mean, "norm_std": std}
-    )
+    norm = norm_stats(dataset_uri, cfg, shape)
+    run_id = tracking.start_run(cfg, run_name, "train", manifest["dataset_id"], params=norm)
     if parent_run_id:
         tracking.client(cfg).set_tag(run_id, "mlflow.parentRunId", parent_run_id)
     t = cfg.train
@@ -244,8 +248,7 @@ def fit(
         "cfg": cfg.model_dump(mode="json"),
         "model": t.model,
         "image_shape": list(shape),
-        "norm_mean": mean,
-        "norm_std": std,
+        **norm,
         "epochs": t.epochs,
         "lr": t.lr,
         "weight_decay": t.weight_decay,

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from lensmill.models import LensClassifier, create_model, list_models, load_classifier, save_classifier
@@ -26,8 +27,6 @@ def test_every_registered_model_runs_forward_and_backward():
 
 
 def test_unknown_model_names_are_clear():
-    import pytest
-
     with pytest.raises(ValueError, match="unknown model 'resnet9000'"):
         create_model("resnet9000")
     with pytest.raises(ValueError, match="unknown timm model"):
@@ -35,10 +34,20 @@ def test_unknown_model_names_are_clear():
 
 
 def test_classifier_round_trip_keeps_normalisation_and_outputs(tmp_path):
-    m = LensClassifier("tiny", 2, mean=[1.0, 2.0], std=[3.0, 4.0]).eval()
+    m = LensClassifier("tiny", 2, mean=[1.0, 2.0], std=[3.0, 4.0], scale=[0.5, 0.25]).eval()
     x = torch.randn(3, 2, 32, 32)
     save_classifier(m, tmp_path / "m.pt", {"epoch": 3})
     loaded, meta = load_classifier(tmp_path / "m.pt")
-    assert meta["epoch"] == 3 and meta["norm_std"] == [3.0, 4.0]
+    assert meta["epoch"] == 3 and meta["norm_std"] == [3.0, 4.0] and meta["norm_scale"] == [0.5, 0.25]
     with torch.inference_mode():
         np.testing.assert_allclose(m(x).numpy(), loaded(x).numpy(), rtol=1e-6)
+
+
+def test_asinh_stretch_is_linear_in_the_noise_and_compresses_bright_cores():
+    m = LensClassifier("tiny", 1, mean=[0.0], std=[1.0], scale=[0.2])
+    x = torch.tensor([0.02, 0.2, 200.0]).view(1, 1, 1, 3)
+    z = m.normalise(x).flatten()
+    assert z[0] == pytest.approx(0.1, rel=1e-3)  # asinh(0.1) ~ 0.1: noise stays linear
+    assert z[2] == pytest.approx(np.arcsinh(1000.0), rel=1e-5)  # a core 1000 sigma bright -> ~7.6
+    plain = LensClassifier("tiny", 1, mean=[0.0], std=[1.0])
+    assert torch.equal(plain.normalise(x), x)
