@@ -77,7 +77,9 @@ def ray_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         str(VENV_BIN / "ray"), "start", "--head", "--block",
         f"--node-ip-address={LOOPBACK}", f"--port={port}",
         # Logical CPUs above the 2 cores: a Tune trial + Train workers + Ray Data readers must fit.
-        "--num-cpus=4", "--include-dashboard=false", f"--temp-dir={temp_dir}",
+        # The dashboard serves the State API that Ray Train's placement-group cleaner polls.
+        "--num-cpus=4", "--include-dashboard=true", f"--dashboard-host={LOOPBACK}",
+        f"--dashboard-port={free_port()}", f"--temp-dir={temp_dir}",
         f"--ray-client-server-port={free_port()}",
     ]  # fmt: skip
     with open(log, "w") as out:

@@ -85,7 +85,7 @@ class SimConfig(_Frozen):
     lens_mag: Range = Range(min=18.5, max=20.5)
     lens_r_sersic_arcsec: Range = Range(min=0.5, max=1.5)
     lens_n_sersic: Range = Range(min=2.5, max=4.5)
-    source_mag: Range = Range(min=21.5, max=24.0)
+    source_mag: Range = Range(min=22.0, max=24.5)
     source_r_sersic_arcsec: Range = Range(min=0.1, max=0.4)
     source_n_sersic: Range = Range(min=0.8, max=2.0)
     source_e_max: float = Field(0.4, ge=0, lt=1)
@@ -120,10 +120,11 @@ class TrainConfig(_Frozen):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     num_workers: int = Field(1, ge=1)
-    cpus_per_worker: float = Field(1.0, gt=0)
+    # CPUs Ray reserves per worker; torch uses that many threads (Ray pins OMP_NUM_THREADS to it).
+    cpus_per_worker: float = Field(2.0, gt=0)
     # None = use GPUs when the cluster has them.
     use_gpu: bool | None = None
-    # torch intra-op threads per worker; 0 = leave torch's default.
+    # torch intra-op threads per worker; 0 = one per reserved CPU.
     torch_threads: int = Field(0, ge=0)
     augment: bool = True
     max_failures: int = Field(1, ge=-1)

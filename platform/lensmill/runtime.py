@@ -20,7 +20,10 @@ def ray_connection(cfg: Config) -> Iterator[None]:
         yield
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    kwargs = {"address": address} if address else {"num_cpus": cfg.ray.num_cpus, "include_dashboard": False}
+    # The dashboard serves Ray's State API, which Ray Train's placement-group cleaner needs: without
+    # it, a trial that Tune stops leaks its workers' CPUs and the next trial waits forever.
+    local = {"num_cpus": cfg.ray.num_cpus, "include_dashboard": True, "dashboard_host": "127.0.0.1"}
+    kwargs = {"address": address} if address else local
     ray.init(**kwargs, logging_level="WARNING", log_to_driver=True)
     try:
         yield

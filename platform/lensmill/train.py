@@ -107,8 +107,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
-    if config["torch_threads"]:
-        torch.set_num_threads(config["torch_threads"])
+    # Ray sets OMP_NUM_THREADS to the worker's CPU reservation (1 when fractional): be explicit.
+    torch.set_num_threads(config["torch_threads"] or max(1, int(config["cpus_per_worker"])))
     torch.manual_seed(config["seed"])  # same init on every rank (DDP also broadcasts rank 0's weights)
     shape = tuple(config["image_shape"])
     model = LensClassifier(
@@ -256,6 +256,7 @@ def fit(
         "augment": t.augment,
         "seed": t.seed,
         "torch_threads": t.torch_threads,
+        "cpus_per_worker": t.cpus_per_worker,
         "shuffle_buffer_rows": max(4 * t.batch_size, 1024),
         "mlflow_run_id": run_id,
         "fail_at_epoch": t.fail_at_epoch,
