@@ -130,19 +130,14 @@ def serve(
     ] = None,
 ) -> None:
     """Keep the HTTP endpoint up (POST /v1/predict, GET /healthz) until Ctrl-C."""
-    from lensmill.serve import start_endpoint, stop_endpoint
+    from lensmill.serve import serve_until_interrupted, start_endpoint
 
     def fn(cfg: Config) -> dict[str, Any]:
         url = start_endpoint(cfg, model_dir=model_dir)
+        # The JSON line comes as soon as the endpoint is up, for scripts that wait on it.
         emit({"endpoint": f"{url}/v1/predict", "healthz": f"{url}/healthz", "docs": f"{url}/docs"})
         print(f"serving on {url} — Ctrl-C to stop", file=sys.stderr)
-        try:
-            while True:
-                time.sleep(1)
-        except KeyboardInterrupt:
-            pass
-        finally:
-            stop_endpoint()
+        serve_until_interrupted()
         return {"stopped": True}
 
     run_command(config, overrides, fn)

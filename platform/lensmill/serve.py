@@ -545,14 +545,19 @@ def start_endpoint(
     wait_healthy(url, timeout_s)
     logger.info("lensmill endpoint ready at %s (OpenAPI at %s/docs)", url, url)
     if blocking:
-        try:
-            while True:  # until Ctrl-C: this is the foreground server of `lensmill serve`
-                time.sleep(1.0)
-        except KeyboardInterrupt:
-            logger.info("interrupted: shutting Serve down")
-        finally:
-            stop_endpoint()
+        serve_until_interrupted()
     return url
+
+
+def serve_until_interrupted() -> None:
+    """Keep the endpoint up until Ctrl-C (the foreground server of `lensmill serve`), then stop it."""
+    try:
+        while True:
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        logger.info("interrupted: shutting Serve down")
+    finally:
+        stop_endpoint()
 
 
 def stop_endpoint() -> None:

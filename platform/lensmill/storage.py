@@ -123,7 +123,9 @@ def list_files(uri: str, storage: StorageConfig) -> list[str]:
     """URIs of the files below ``uri`` (recursive), sorted; empty when it does not exist."""
     loc = locate(uri, storage)
     try:
-        infos = loc.filesystem.get_file_info(pafs.FileSelector(loc.path, recursive=True, allow_not_found=True))
+        infos = loc.filesystem.get_file_info(
+            pafs.FileSelector(loc.path, recursive=True, allow_not_found=True)
+        )
     except OSError as exc:
         raise _fail("list", uri, exc) from exc
     prefix = "s3://" if is_s3(loc.uri) else ""

@@ -17,10 +17,15 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def run_cli(*args: str, timeout_s: int = 900) -> tuple[subprocess.CompletedProcess, dict]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(
         [str(VENV_BIN / "lensmill"), *args],
-        capture_output=True, text=True, timeout=timeout_s, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        cwd=REPO,
+        env=env,
+    )
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
     assert lines, f"no stdout; stderr tail:\n{proc.stderr[-4000:]}"
     try:
@@ -85,7 +90,9 @@ def test_champion_is_registered_with_its_lineage(smoke):
 
 def test_rerun_reuses_data_and_finished_trials(smoke):
     """The same config again: nothing is simulated or trained twice; a new ensemble version is registered."""
-    proc, summary = run_cli("pipeline", "--config", "jobs/configs/smoke.yaml", *smoke["overrides"], "--queries", "2")
+    proc, summary = run_cli(
+        "pipeline", "--config", "jobs/configs/smoke.yaml", *smoke["overrides"], "--queries", "2"
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert summary["dataset_id"] == smoke["summary"]["dataset_id"]
     assert summary["members"] == smoke["summary"]["members"]

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+
 from lensmill.config import load_config
 from lensmill.models import LensClassifier
 from lensmill.predict import EnsemblePredictor, Member
@@ -95,8 +96,9 @@ def _assert_client_error(r: httpx.Response, status: int, fragment: str) -> None:
 
 # --------------------------------------------------------------------------------------------- no Ray
 def test_serve_config_yaml_keys_survive_schema() -> None:
-    from lensmill.serve import BUILD_ARGS, DEPLOYMENT_NAME, build_app
     from ray.serve.schema import ServeDeploySchema
+
+    from lensmill.serve import BUILD_ARGS, DEPLOYMENT_NAME, build_app
 
     raw = yaml.safe_load((REPO / "serving" / "config.yaml").read_text())
     schema = ServeDeploySchema.model_validate(raw)

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from lensmill.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]

@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from lensmill.config import Config, ConfigError, load_config
 
@@ -10,12 +11,14 @@ REPO = Path(__file__).resolve().parents[2]
 def test_embedded_defaults_load_and_are_frozen():
     cfg = load_config()
     assert cfg == Config()
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         cfg.train.lr = 1.0  # type: ignore[misc]
 
 
 def test_overrides_parse_numbers_lists_and_nested_keys():
-    cfg = load_config(None, ["train.lr=3e-4", "tune.models=[tiny, resnet18]", "sim.n_train=10", "ray.address=null"])
+    cfg = load_config(
+        None, ["train.lr=3e-4", "tune.models=[tiny, resnet18]", "sim.n_train=10", "ray.address=null"]
+    )
     assert cfg.train.lr == pytest.approx(3e-4)
     assert cfg.tune.models == ("tiny", "resnet18")
     assert cfg.sim.n_train == 10

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sklearn import metrics as skm
+
 from lensmill.evaluate import (
     compute_metrics,
     plot_confusion,
@@ -17,7 +19,6 @@ from lensmill.evaluate import (
     plot_score_histogram,
     tpr_at_max_fp,
 )
-from sklearn import metrics as skm
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 EXPECTED_KEYS = {
