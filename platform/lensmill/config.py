@@ -132,6 +132,10 @@ class TrainConfig(_Frozen):
     seed: int = 0
     # Fault drill: raise in the workers at this epoch (first attempt only) to exercise resume.
     fail_at_epoch: int | None = Field(None, ge=0)
+    # Stop when validation AUC has not improved for this many epochs; None = train all epochs.
+    early_stopping_patience: int | None = Field(None, ge=1)
+    # Backbone weights from a local path or storage URI (no hub downloads); None = random init.
+    pretrained_uri: str | None = None
 
 
 class TuneConfig(_Frozen):
@@ -152,6 +156,16 @@ class EnsembleConfig(_Frozen):
     # Weights are searched on a simplex grid with this step.
     weight_step: float = Field(0.05, gt=0, le=0.5)
     threshold: float = Field(0.5, gt=0, lt=1)
+
+
+class EvaluateConfig(_Frozen):
+    """Test-split evaluation: uncertainty and calibration settings."""
+
+    bootstrap_samples: int = Field(1000, ge=0)
+    calibration_bins: int = Field(15, ge=2)
+    # Completeness is reported in this many bins of Einstein radius and of arc S/N.
+    completeness_bins: int = Field(6, ge=1)
+    seed: int = 0
 
 
 class TrackingConfig(_Frozen):
@@ -189,6 +203,7 @@ class Config(_Frozen):
     train: TrainConfig = TrainConfig()
     tune: TuneConfig = TuneConfig()
     ensemble: EnsembleConfig = EnsembleConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
     tracking: TrackingConfig = TrackingConfig()
     serve: ServeConfig = ServeConfig()
     ray: RayConfig = RayConfig()

@@ -75,7 +75,7 @@ def run_pipeline(cfg: Config, n_queries: int = 8, keep_serving: bool = False) ->
         "dataset_id": manifest["dataset_id"],
         "n_images": sum(s["rows"] for s in manifest["splits"].values()),
         "trials": [
-            {"model": t["model"], "lr": t["lr"], "val_auc": t.get("val_auc"), "usable": t["usable"]}
+            {k: t[k] for k in ("model", "lr", "val_auc", "stopped_early", "usable", "error") if k in t}
             for t in tuned["trials"]
         ],
         "members": [{"model": m["model"], "lr": m["lr"], "val_auc": m["val_auc"]} for m in ens["members"]],

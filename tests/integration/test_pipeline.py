@@ -55,7 +55,7 @@ def test_pipeline_summary_has_every_stage(smoke):
     s = smoke["summary"]
     assert s["n_images"] == 160 + 64 + 64
     assert Path(s["dataset_uri"], "manifest.json").is_file()
-    assert {m["model"] for m in s["members"]} == {"tiny", "timm:resnet10t"}
+    assert {m["model"] for m in s["members"]} == {"tiny", "timm:resnet10t"}, s["trials"]
     assert all(0.0 <= m["val_auc"] <= 1.0 for m in s["members"])
     assert sum(s["ensemble_weights"]) == pytest.approx(1.0)
     for key in ("accuracy", "roc_auc", "precision", "recall", "f1"):

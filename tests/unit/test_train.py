@@ -47,7 +47,7 @@ def test_asinh_stretch_is_linear_in_the_noise_and_compresses_bright_cores():
     m = LensClassifier("tiny", 1, mean=[0.0], std=[1.0], scale=[0.2])
     x = torch.tensor([0.02, 0.2, 200.0]).view(1, 1, 1, 3)
     z = m.normalise(x).flatten()
-    assert z[0] == pytest.approx(0.1, rel=1e-3)  # asinh(0.1) ~ 0.1: noise stays linear
+    assert z[0] == pytest.approx(0.1, rel=2e-3)  # asinh(0.1) = 0.0998: noise stays linear
     assert z[2] == pytest.approx(np.arcsinh(1000.0), rel=1e-5)  # a core 1000 sigma bright -> ~7.6
     plain = LensClassifier("tiny", 1, mean=[0.0], std=[1.0])
     assert torch.equal(plain.normalise(x), x)
