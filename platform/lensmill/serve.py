@@ -24,6 +24,7 @@ import io
 import json
 import logging
 import shlex
+import signal
 import tempfile
 import time
 from email import policy
@@ -550,7 +551,13 @@ def start_endpoint(
 
 
 def serve_until_interrupted() -> None:
-    """Keep the endpoint up until Ctrl-C (the foreground server of `lensmill serve`), then stop it."""
+    """Keep the endpoint up until Ctrl-C or SIGTERM (the foreground server of `lensmill serve`), then
+    stop it cleanly."""
+
+    def on_term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # process managers stop servers with SIGTERM: same clean path
+
+    signal.signal(signal.SIGTERM, on_term)
     try:
         while True:
             time.sleep(1.0)
