@@ -10,6 +10,7 @@ from typing import Any
 
 from lensmill import tracking
 from lensmill.config import Config
+from lensmill.shards import dataset_uri_for, read_manifest
 from lensmill.storage import StorageError, is_s3, join_uri, locate, read_json, write_json
 from lensmill.train import SUMMARY_FILE, fit, run_name_for, runs_uri, summarize_run
 
@@ -50,7 +51,9 @@ def tune_architectures(cfg: Config) -> dict[str, Any]:
     from ray.tune.schedulers import ASHAScheduler
 
     t = cfg.tune
-    parent = tracking.start_run(cfg, f"{cfg.name}-tune", "tune")
+    # Fails here, naming the URI, when the dataset is missing, rather than inside every trial.
+    manifest = read_manifest(dataset_uri_for(cfg), cfg.storage)
+    parent = tracking.start_run(cfg, f"{cfg.name}-tune", "tune", manifest["dataset_id"])
     pairs = [{"model": m, "lr": lr} for m in t.models for lr in t.lrs]
     done = {i: _read_summary(cfg, p) for i, p in enumerate(pairs)}
     # Runs finished before (same config) are not trained again: the search resumes where it stopped.
