@@ -2,7 +2,9 @@
 
 Member probabilities on the validation split are computed once; the weight search then runs on
 arrays: every point of a simplex grid with step ``ensemble.weight_step``, scored by ROC AUC
-(ties broken by log loss). The result is registered in MLflow and aliased ``@champion``.
+(ties broken by log loss). A temperature for the weighted probability is then fitted on the same
+validation arrays (``evaluate.fit_temperature``) and stored in ``ensemble.json``, so that serving and
+evaluation report calibrated probabilities. The result is registered in MLflow and aliased ``@champion``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from sklearn.metrics import log_loss, roc_auc_score
 
 from lensmill import tracking
 from lensmill.config import Config
+from lensmill.evaluate import apply_temperature, expected_calibration_error, fit_temperature
 from lensmill.models import load_classifier
 from lensmill.predict import EnsemblePredictor, Member
 from lensmill.shards import load_split
@@ -84,7 +87,13 @@ def build_ensemble(cfg: Config) -> dict[str, Any]:
         weights, val_auc = search_weights(probs, labels, cfg.ensemble.weight_step)
         for m, w in zip(members, weights, strict=True):
             m.weight = float(w)
-        predictor = EnsemblePredictor(members, shape, cfg.ensemble.threshold, info)
+        # Calibration on validation: one temperature for the weighted probability (N,).
+        p_val = probs @ (weights / weights.sum())
+        temperature = fit_temperature(labels, p_val)
+        bins = cfg.evaluate.calibration_bins
+        val_ece = expected_calibration_error(labels, p_val, bins)
+        val_ece_cal = expected_calibration_error(labels, apply_temperature(p_val, temperature), bins)
+        predictor = EnsemblePredictor(members, shape, cfg.ensemble.threshold, info, temperature=temperature)
         out_dir = Path(tmp) / "ensemble"
         predictor.save(out_dir)
 
@@ -95,6 +104,9 @@ def build_ensemble(cfg: Config) -> dict[str, Any]:
             run_id,
             {
                 "val_auc": val_auc,
+                "temperature": temperature,
+                "val_ece_uncalibrated": val_ece,
+                "val_ece": val_ece_cal,
                 **{f"weight_{j}": float(w) for j, w in enumerate(weights)},
                 **{f"member_val_auc_{j}": a for j, a in enumerate(member_aucs)},
             },
@@ -116,6 +128,9 @@ def build_ensemble(cfg: Config) -> dict[str, Any]:
         ],
         "ensemble_weights": [float(w) for w in weights],
         "val_auc": val_auc,
+        "temperature": temperature,
+        "val_ece_uncalibrated": val_ece,
+        "val_ece": val_ece_cal,
         "dataset_uri": dataset_uri,
         "mlflow_run_id": run_id,
         **registered,

@@ -3,6 +3,11 @@
 Everything above ``evaluate`` is pure (no Ray, no MLflow, no config); ``evaluate(cfg)`` is the stage:
 the registered champion on the test split -> metrics.json, detailed_predictions.csv, plots, MLflow.
 
+Beyond the classification metrics: calibration (expected calibration error, reliability diagram,
+temperature scaling ``sigmoid(logit(p) / T)`` fitted on validation data), bootstrap confidence
+intervals, and completeness (the fraction of lenses found) against physical parameters such as the
+Einstein radius and the arc signal-to-noise.
+
 Labels are 1 for a lens, 0 for a non-lens; scores are probabilities p(lens) in [0, 1]. Everything
 returned by :func:`compute_metrics` is a plain Python ``int``/``float`` (JSON-serialisable).
 matplotlib is imported inside the plotting functions, so importing this module stays cheap; the
@@ -140,6 +145,199 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float = 0.
     }
 
 
+# -- calibration ------------------------------------------------------------------------------------
+
+# Probabilities are clipped this far from 0 and 1 before taking logits when fitting a temperature.
+_LOGIT_EPS = 1e-7
+
+
+def apply_temperature(probs: Any, temperature: float) -> np.ndarray:
+    """``sigmoid(logit(p) / T)`` elementwise, float64; T = 1 returns the probabilities unchanged.
+
+    Order-preserving, and p = 0.5 stays 0.5. p = 0 and 1 stay 0 and 1 (infinite logits).
+    """
+    p = np.asarray(probs, dtype=np.float64)
+    t = float(temperature)
+    if not np.isfinite(t) or t <= 0:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if t == 1.0:
+        return p.copy()
+    with np.errstate(divide="ignore", over="ignore"):
+        z = (np.log(p) - np.log1p(-p)) / t
+        return 1.0 / (1.0 + np.exp(-z))
+
+
+def fit_temperature(labels: Any, probs: Any, bounds: tuple[float, float] = (0.05, 20.0)) -> float:
+    """The temperature T minimising the log loss of ``sigmoid(logit(p) / T)`` on (labels, probs).
+
+    T > 1 when the scores are over-confident, T < 1 when under-confident. A one-parameter fit on the
+    validation split: it changes no ranking, so it cannot overfit the ordering the weights chose.
+    """
+    from scipy.optimize import minimize_scalar
+
+    y, p = _check_arrays(labels, probs, need_both_classes=False)
+    p = np.clip(p, _LOGIT_EPS, 1 - _LOGIT_EPS)
+    z = np.log(p) - np.log1p(-p)  # (N,) logits
+
+    def nll(log_t: float) -> float:
+        s = z / np.exp(log_t)
+        # log(1 + e^s) - y s, computed stably (logaddexp).
+        return float(np.mean(np.logaddexp(0.0, s) - y * s))
+
+    res = minimize_scalar(nll, bounds=(np.log(bounds[0]), np.log(bounds[1])), method="bounded")
+    return float(np.exp(res.x))
+
+
+def reliability_table(labels: Any, probs: Any, n_bins: int = 15) -> list[dict[str, Any]]:
+    """Equal-width bins of p(lens) on [0, 1]: per bin its edges, count, mean p and lens fraction.
+
+    Empty bins are listed with ``n = 0`` and ``None`` means (JSON has no NaN). Bins are half-open
+    ``[lo, hi)`` except the last, which includes p = 1.
+    """
+    y, p = _check_arrays(labels, probs, need_both_classes=False)
+    if int(n_bins) != n_bins or n_bins < 1:
+        raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}")
+    edges = np.linspace(0.0, 1.0, int(n_bins) + 1)
+    idx = np.clip(np.digitize(p, edges[1:-1], right=False), 0, int(n_bins) - 1)
+    rows: list[dict[str, float | int]] = []
+    for b in range(int(n_bins)):
+        mask = idx == b
+        n = int(np.count_nonzero(mask))
+        rows.append(
+            {
+                "lo": float(edges[b]),
+                "hi": float(edges[b + 1]),
+                "n": n,
+                "mean_p": float(p[mask].mean()) if n else None,
+                "frac_lens": float(y[mask].mean()) if n else None,
+            }
+        )
+    return rows
+
+
+def expected_calibration_error(labels: Any, probs: Any, n_bins: int = 15) -> float:
+    """ECE of p(lens): sum over equal-width bins of (bin count / N) x |mean p - fraction of lenses|.
+
+    0 for perfectly calibrated scores; a classifier saying 0.9 for objects that are lenses 60% of the
+    time contributes 0.3 x its share of the objects.
+    """
+    y, p = _check_arrays(labels, probs, need_both_classes=False)
+    table = reliability_table(y, p, n_bins)
+    return float(sum(r["n"] / y.size * abs(r["mean_p"] - r["frac_lens"]) for r in table if r["n"]))
+
+
+# -- uncertainty and completeness -------------------------------------------------------------------
+
+
+def _auc_from_ranks(y: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """ROC AUC per row of (B, N) label/score matrices (Mann-Whitney U with mid-ranks for ties);
+    NaN for rows holding a single class."""
+    from scipy.stats import rankdata
+
+    ranks = rankdata(p, axis=1)  # mid-ranks: ties count one half, as in roc_auc_score
+    n_pos = y.sum(axis=1)
+    n_neg = y.shape[1] - n_pos
+    u = (ranks * y).sum(axis=1) - n_pos * (n_pos + 1) / 2.0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where((n_pos > 0) & (n_neg > 0), u / (n_pos * n_neg), np.nan)
+
+
+def bootstrap_intervals(
+    labels: Any, probs: Any, threshold: float = 0.5, n_samples: int = 1000, seed: int = 0, level: float = 0.95
+) -> dict[str, Any]:
+    """Percentile bootstrap intervals for ROC AUC and accuracy (resampling objects with replacement).
+
+    Returns ``{"roc_auc": {"estimate", "low", "high"}, "accuracy": {...}, "n_samples", "level",
+    "seed"}``. Resamples holding a single class are left out of the AUC interval. Seeded: the same
+    inputs give the same interval. ``n_samples = 0`` gives the estimates with ``None`` bounds.
+    """
+    y, p = _check_arrays(labels, probs)
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must lie in (0, 1), got {level}")
+    pred = (p >= threshold).astype(np.float64)
+    correct = (pred == y).astype(np.float64)
+    auc_hat = float(_auc_from_ranks(y[None].astype(np.float64), p[None])[0])
+    out: dict[str, Any] = {
+        "roc_auc": {"estimate": auc_hat, "low": None, "high": None},
+        "accuracy": {"estimate": float(correct.mean()), "low": None, "high": None},
+        "n_samples": int(n_samples),
+        "level": float(level),
+        "seed": int(seed),
+    }
+    if n_samples <= 0:
+        return out
+    rng = np.random.default_rng(seed)
+    n = y.size
+    chunk = max(1, 2_000_000 // n)  # resamples per step: bounded (chunk, N) matrices
+    aucs, accs = [], []
+    for start in range(0, int(n_samples), chunk):
+        idx = rng.integers(0, n, size=(min(chunk, int(n_samples) - start), n))  # (B, N)
+        aucs.append(_auc_from_ranks(y[idx].astype(np.float64), p[idx]))
+        accs.append(correct[idx].mean(axis=1))
+    q = [100 * (1 - level) / 2, 100 * (1 + level) / 2]
+    auc_s = np.concatenate(aucs)
+    auc_s = auc_s[np.isfinite(auc_s)]
+    if auc_s.size:
+        lo, hi = np.percentile(auc_s, q)
+        out["roc_auc"].update(low=float(lo), high=float(hi))
+    lo, hi = np.percentile(np.concatenate(accs), q)
+    out["accuracy"].update(low=float(lo), high=float(hi))
+    return out
+
+
+def _wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score 95% interval of a binomial fraction k / n (sensible at 0 and n)."""
+    if n == 0:
+        return 0.0, 1.0
+    f = k / n
+    centre = (f + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(f * (1 - f) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
+def completeness_table(
+    labels: Any, probs: Any, values: Any, threshold: float = 0.5, n_bins: int = 6
+) -> list[dict[str, float | int]]:
+    """Completeness (fraction of lenses with p >= threshold) in bins of a lens property (N,).
+
+    Only lenses with a finite value count. Bin edges are quantiles of those values (equal numbers
+    of lenses per bin, so no bin is starved at the tails); fewer bins when values repeat. Each row:
+    ``lo``, ``hi``, ``n_lenses``, ``n_found``, ``completeness`` and its Wilson 95% interval.
+    """
+    y, p = _check_arrays(labels, probs, need_both_classes=False)
+    v = np.asarray(values, dtype=np.float64)
+    if v.shape != y.shape:
+        raise ValueError(f"values must have the labels' shape {y.shape}, got {v.shape}")
+    keep = (y == 1) & np.isfinite(v)
+    v, found = v[keep], p[keep] >= threshold
+    if v.size == 0:
+        return []
+    edges = np.unique(np.quantile(v, np.linspace(0.0, 1.0, int(n_bins) + 1)))
+    if edges.size == 1:
+        edges = np.array([edges[0], edges[0]])
+    idx = np.clip(np.searchsorted(edges, v, side="right") - 1, 0, edges.size - 2)
+    rows: list[dict[str, float | int]] = []
+    for b in range(edges.size - 1):
+        mask = idx == b
+        n, k = int(np.count_nonzero(mask)), int(np.count_nonzero(found[mask]))
+        lo, hi = _wilson(k, n)
+        rows.append(
+            {
+                "lo": float(edges[b]),
+                "hi": float(edges[b + 1]),
+                "n_lenses": n,
+                "n_found": k,
+                "completeness": _ratio(k, n),
+                "ci_low": lo,
+                "ci_high": hi,
+            }
+        )
+    return rows
+
+
+# -- plots ------------------------------------------------------------------------------------------
+
+
 def _new_figure(width_in: float, height_in: float) -> Any:
     """A matplotlib Figure drawn by the Agg backend, outside pyplot's global state."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -229,14 +427,95 @@ def plot_score_histogram(
     return _save(fig, path)
 
 
+def plot_pr(labels: np.ndarray, probs: np.ndarray, path: Path, title: str = "") -> Path:
+    """Plot the precision-recall curve (average precision in the legend) to a PNG; return its path."""
+    from sklearn.metrics import average_precision_score, precision_recall_curve
+
+    y, p = _check_arrays(labels, probs)
+    precision, recall, _ = precision_recall_curve(y, p)
+    ap = average_precision_score(y, p)
+
+    fig = _new_figure(5.0, 5.0)
+    ax = fig.add_subplot()
+    ax.step(recall, precision, where="post", lw=2, label=f"PR (AP = {ap:.3f})")
+    ax.axhline(y.mean(), ls="--", lw=1, color="grey", label=f"chance (lens fraction {y.mean():.2f})")
+    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="Recall (lenses found)", ylabel="Precision (purity)")
+    ax.set_title(title or f"Precision-recall (n = {y.size}, lenses = {int(y.sum())})")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_reliability(labels: np.ndarray, curves: dict[str, np.ndarray], path: Path, n_bins: int = 15) -> Path:
+    """Reliability diagram: lens fraction against mean p(lens) per bin, one line per named set of
+    scores (e.g. before and after temperature scaling, ECE in the legend), with the bin counts."""
+    fig = _new_figure(5.0, 6.0)
+    ax, ax_n = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+    ax.plot([0, 1], [0, 1], ls="--", lw=1, color="grey", label="perfect calibration")
+    edges = np.linspace(0.0, 1.0, int(n_bins) + 1)
+    for name, probs in curves.items():
+        y, p = _check_arrays(labels, probs, need_both_classes=False)
+        rows = [r for r in reliability_table(y, p, n_bins) if r["n"]]
+        ece = expected_calibration_error(y, p, n_bins)
+        ax.plot(
+            [r["mean_p"] for r in rows], [r["frac_lens"] for r in rows], marker="o", lw=1.5,
+            label=f"{name} (ECE = {ece:.3f})",
+        )  # fmt: skip
+        ax_n.hist(p, bins=edges, histtype="step", lw=1.5, label=name)
+    ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="Fraction of lenses")
+    ax.set_title("Reliability diagram")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=9)
+    ax_n.set_yscale("log")
+    ax_n.set(xlabel="Predicted p(lens)", ylabel="Objects")
+    ax_n.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_completeness(table: list[dict[str, Any]], path: Path, xlabel: str, title: str = "") -> Path:
+    """Completeness per bin (Wilson 95% error bars, bin widths as horizontal bars) to a PNG."""
+    fig = _new_figure(5.5, 4.0)
+    ax = fig.add_subplot()
+    if table:
+        lo = np.array([r["lo"] for r in table])
+        hi = np.array([r["hi"] for r in table])
+        c = np.array([r["completeness"] for r in table])
+        err = np.array(
+            [
+                [r["completeness"] - r["ci_low"] for r in table],
+                [r["ci_high"] - r["completeness"] for r in table],
+            ]
+        )
+        mid = (lo + hi) / 2
+        ax.errorbar(mid, c, yerr=err, xerr=(hi - lo) / 2, fmt="o", capsize=3, lw=1.5)
+        for x, r in zip(mid, table, strict=True):
+            ax.annotate(str(r["n_lenses"]), (x, 0.03), ha="center", fontsize=8, color="grey")
+    else:
+        ax.text(0.5, 0.5, "no lenses with this property", ha="center", va="center", transform=ax.transAxes)
+    ax.set(ylim=(0, 1.05), xlabel=xlabel, ylabel="Completeness (lenses found)")
+    ax.set_title(title or f"Completeness against {xlabel} (grey: lenses per bin)")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
 # -- the evaluation stage ---------------------------------------------------------------------------
+
+# Lens properties that completeness is reported against: column -> axis label.
+COMPLETENESS_COLUMNS: dict[str, str] = {
+    "theta_e_arcsec": "Einstein radius θ_E [arcsec]",
+    "arc_snr": "arc signal-to-noise",
+}
 
 
 def write_report(
     out_dir: Path, labels: np.ndarray, scores: dict[str, np.ndarray], params: Any, metrics: dict[str, Any],
     summary: dict[str, Any],
 ) -> list[Path]:  # fmt: skip
-    """The files users of the seed project expect, plus the plots; returns their paths."""
+    """detailed_predictions.csv (scores + physical parameters), metrics.json, evaluation_summary.json
+    and the plots: ROC, PR, confusion, score histogram, reliability, completeness; returns their paths.
+
+    ``scores`` holds ``p_lens`` (calibrated) and, when calibration changed it, ``p_lens_uncalibrated``.
+    """
     import json
 
     import pyarrow as pa
@@ -252,18 +531,83 @@ def write_report(
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out_dir / "evaluation_summary.json").write_text(json.dumps(summary, indent=2, default=str))
     p = scores["p_lens"]
-    return [
+    n_bins = int(metrics.get("calibration_bins", 15))
+    curves = {"calibrated": p}
+    if "p_lens_uncalibrated" in scores:
+        curves = {
+            "uncalibrated": scores["p_lens_uncalibrated"],
+            f"T = {metrics.get('temperature', 1):.2f}": p,
+        }
+    paths = [
         out_dir / "detailed_predictions.csv",
         out_dir / "metrics.json",
         out_dir / "evaluation_summary.json",
         plot_roc(labels, p, out_dir / "roc.png", title=summary.get("model", "")),
+        plot_pr(labels, p, out_dir / "pr_curve.png"),
         plot_confusion(metrics, out_dir / "confusion_matrix.png"),
         plot_score_histogram(labels, p, out_dir / "score_histogram.png", threshold=metrics["threshold"]),
+        plot_reliability(labels, curves, out_dir / "reliability.png", n_bins),
     ]
+    for column, table_rows in metrics.get("completeness", {}).items():
+        xlabel = COMPLETENESS_COLUMNS.get(column, column)
+        paths.append(plot_completeness(table_rows, out_dir / f"completeness_{column}.png", xlabel))
+    return paths
+
+
+def evaluation_metrics(
+    labels: np.ndarray,
+    p_lens: np.ndarray,
+    p_uncalibrated: np.ndarray,
+    params: dict[str, np.ndarray],
+    threshold: float,
+    temperature: float,
+    settings: Any,
+) -> dict[str, Any]:
+    """Everything metrics.json holds: ``compute_metrics`` of the calibrated scores, plus calibration
+    (ECE before/after, the reliability table), bootstrap intervals and completeness tables.
+
+    ``params`` maps a lens property (``COMPLETENESS_COLUMNS``) to its (N,) values; ``settings`` is an
+    ``EvaluateConfig`` (bootstrap_samples, calibration_bins, completeness_bins, seed).
+    """
+    bins = settings.calibration_bins
+    metrics = compute_metrics(labels, p_lens, threshold)
+    boot = bootstrap_intervals(
+        labels, p_lens, threshold, n_samples=settings.bootstrap_samples, seed=settings.seed
+    )
+    metrics |= {
+        "temperature": float(temperature),
+        "ece": expected_calibration_error(labels, p_lens, bins),
+        "ece_uncalibrated": expected_calibration_error(labels, p_uncalibrated, bins),
+        "calibration_bins": int(bins),
+        "reliability": reliability_table(labels, p_lens, bins),
+        "bootstrap": boot,
+        "roc_auc_ci95": [boot["roc_auc"]["low"], boot["roc_auc"]["high"]],
+        "accuracy_ci95": [boot["accuracy"]["low"], boot["accuracy"]["high"]],
+        "completeness": {
+            column: completeness_table(labels, p_lens, values, threshold, settings.completeness_bins)
+            for column, values in params.items()
+        },
+    }
+    return metrics
+
+
+def _mlflow_scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    """The numbers worth a metric in MLflow: top-level scalars and the interval bounds."""
+    out = {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    for name in ("roc_auc", "accuracy"):
+        for bound in ("low", "high"):
+            value = metrics["bootstrap"][name][bound]
+            if value is not None:
+                out[f"{name}_ci95_{bound}"] = value
+    return out
 
 
 def evaluate(cfg: Any) -> dict[str, Any]:
-    """Score the ``@champion`` ensemble on the test split of ``cfg``'s dataset; files to storage + MLflow."""
+    """Score the ``@champion`` ensemble on the test split of ``cfg``'s dataset; files to storage + MLflow.
+
+    ``p_lens`` is the ensemble's calibrated probability (the temperature fitted on validation by the
+    ensemble stage); ECE is reported before and after that calibration, on test data it never saw.
+    """
     import tempfile
 
     from lensmill import tracking
@@ -278,27 +622,43 @@ def evaluate(cfg: Any) -> dict[str, Any]:
         dataset_uri = dataset_uri_for(cfg)
         images, labels, params = load_split(dataset_uri, "test", cfg.storage)
         out = predictor.predict(images)
-        metrics = compute_metrics(labels, out["p_lens"], predictor.threshold)
+        columns = {
+            c: params.column(c).to_numpy(zero_copy_only=False)
+            for c in COMPLETENESS_COLUMNS
+            if params is not None and c in params.column_names
+        }
+        metrics = evaluation_metrics(
+            labels, out["p_lens"], out["p_lens_uncalibrated"], columns, predictor.threshold,
+            predictor.temperature, cfg.evaluate,
+        )  # fmt: skip
         model = f"{champ['name']}/{champ['version']}"
-        scores = {"p_lens": out["p_lens"], "predicted_label": out["label"], "spread": out["spread"]}
+        scores = {
+            "p_lens": out["p_lens"],
+            "p_lens_uncalibrated": out["p_lens_uncalibrated"],
+            "predicted_label": out["label"],
+            "spread": out["spread"],
+        }
         scores |= {f"p_{n}": out["member_probs"][:, j] for j, n in enumerate(predictor.member_names)}
         files_uri = join_uri(runs_uri(cfg), f"{cfg.name}-evaluate")
+        headline = ("accuracy", "roc_auc", "tpr0", "tpr10", "ece", "ece_uncalibrated", "temperature")
         summary = {
             "model": model,
             "dataset_uri": dataset_uri,
             "split": "test",
             "n_images": int(len(labels)),
             "members": dict(zip(predictor.member_names, predictor.weights.tolist(), strict=True)),
-            "headline": {k: metrics[k] for k in ("accuracy", "roc_auc", "tpr0", "tpr10")},
+            "headline": {k: metrics[k] for k in headline},
+            "roc_auc_ci95": metrics["roc_auc_ci95"],
+            "accuracy_ci95": metrics["accuracy_ci95"],
             "files_uri": files_uri,
         }
         paths = write_report(Path(tmp) / "evaluation", labels, scores, params, metrics, summary)
         for path in paths:  # to the storage root (local or S3) ...
             write_bytes(join_uri(files_uri, path.name), path.read_bytes(), cfg.storage)
-        # ... and to MLflow, with the lineage tags every run carries.
+        # ... and to MLflow, with the lineage tags every run carries (dataset_id, config hash, git sha).
         dataset_id = predictor.info.get("dataset_id")
         run_id = tracking.start_run(cfg, f"{cfg.name}-evaluate", "evaluate", dataset_id, {"model": model})
-        tracking.log_metrics(cfg, run_id, {k: v for k, v in metrics.items() if isinstance(v, int | float)})
+        tracking.log_metrics(cfg, run_id, _mlflow_scalars(metrics))
         tracking.log_artifacts(cfg, run_id, paths, "evaluation")
         tracking.end_run(cfg, run_id)
     return {"metrics": metrics, "model": model, "files_uri": files_uri, "mlflow_run_id": run_id}

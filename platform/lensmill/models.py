@@ -1,8 +1,10 @@
 """Model registry in the style of timm: ``create_model(name, in_chans=…, num_classes=…)``.
 
-Names: the torchvision ResNets (``resnet18``, ``resnet34``), ``tiny`` (a small CNN for fast tests),
-and any timm model as ``timm:<name>`` (e.g. ``timm:resnet10t``). Weights are never fetched from a hub:
-``pretrained_path`` loads a local file or URI.
+Names: the torchvision ResNets (``resnet18``, ``resnet34``), torchvision's ViT-B/16 (``vit_b_16``,
+which resizes its input to 224x224 itself), ``tiny`` (a small CNN for fast tests), and any timm model
+as ``timm:<name>`` (e.g. ``timm:resnet10t``). Every model takes any number of bands (``in_chans``).
+Weights are never fetched from a hub: ``load_pretrained`` reads a state_dict from a local path or a
+storage URI (``s3://`` through ``lensmill.storage``).
 
 A ``LensClassifier`` wraps a backbone with the normalisation it was trained with, so a saved member
 carries everything needed to score raw images of shape (N, C, H, W).
@@ -10,14 +12,24 @@ carries everything needed to score raw images of shape (N, C, H, W).
 
 from __future__ import annotations
 
+import io
+import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+if TYPE_CHECKING:
+    from lensmill.config import StorageConfig
+
 _TORCHVISION = ("resnet18", "resnet34")
+_VIT = ("vit_b_16",)
+# torchvision's ViT-B/16 has a fixed 14x14 grid of 16-pixel patches.
+VIT_IMAGE_SIZE = 224
+# Prefixes a saved state_dict may carry around the backbone's own keys (DDP, LensClassifier).
+_KEY_PREFIXES = ("module.", "backbone.")
 
 
 class TinyCNN(nn.Module):
@@ -48,6 +60,38 @@ def _torchvision_resnet(name: str, in_chans: int, num_classes: int) -> nn.Module
     return model
 
 
+def _resize_for_vit(module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Forward pre-hook: (N, C, H, W) -> (N, C, 224, 224), bilinear, when the size differs."""
+    x = args[0]
+    if tuple(x.shape[-2:]) != (module.image_size, module.image_size):
+        x = nn.functional.interpolate(
+            x, size=(module.image_size, module.image_size), mode="bilinear", align_corners=False
+        )
+    return (x, *args[1:])
+
+
+def _torchvision_vit(name: str, in_chans: int, num_classes: int) -> nn.Module:
+    """torchvision's ViT at its native 224x224: smaller cutouts are upsampled inside the model, so
+    ensemble members may see different input scales. The resize is a forward pre-hook rather than a
+    wrapper module, so the state_dict keys stay torchvision's and its weight files load unchanged."""
+    import torchvision
+
+    model = getattr(torchvision.models, name)(
+        weights=None, num_classes=num_classes, image_size=VIT_IMAGE_SIZE
+    )
+    if in_chans != 3:
+        old = model.conv_proj
+        model.conv_proj = nn.Conv2d(
+            in_chans, old.out_channels, kernel_size=old.kernel_size, stride=old.stride
+        )
+        # torchvision's own initialisation of the patch embedding (truncated normal, std 1/sqrt(fan_in)).
+        fan_in = in_chans * old.kernel_size[0] * old.kernel_size[1]
+        nn.init.trunc_normal_(model.conv_proj.weight, std=math.sqrt(1 / fan_in))
+        nn.init.zeros_(model.conv_proj.bias)
+    model.register_forward_pre_hook(_resize_for_vit)
+    return model
+
+
 def _timm_model(name: str, in_chans: int, num_classes: int) -> nn.Module:
     import timm
 
@@ -59,17 +103,25 @@ def _timm_model(name: str, in_chans: int, num_classes: int) -> nn.Module:
 
 def list_models(pattern: str = "") -> list[str]:
     """Registered names; any timm model is also accepted as ``timm:<name>`` (see ``timm.list_models``)."""
-    names = ["tiny", *_TORCHVISION, "timm:<any timm model>"]
+    names = ["tiny", *_TORCHVISION, *_VIT, "timm:<any timm model>"]
     return [n for n in names if pattern in n]
 
 
 def create_model(
-    name: str, in_chans: int = 1, num_classes: int = 1, pretrained_path: str | Path | None = None
+    name: str,
+    in_chans: int = 1,
+    num_classes: int = 1,
+    pretrained_path: str | Path | None = None,
+    storage: StorageConfig | None = None,
 ) -> nn.Module:
-    """Build a backbone by name; ``num_classes=1`` gives one lens logit per image."""
+    """Build a backbone by name; ``num_classes=1`` gives one lens logit per image.
+
+    ``pretrained_path``: a state_dict file (local path or storage URI) loaded by ``load_pretrained``.
+    """
     builders: dict[str, Callable[[], nn.Module]] = {
         "tiny": lambda: TinyCNN(in_chans, num_classes),
         **{n: (lambda n=n: _torchvision_resnet(n, in_chans, num_classes)) for n in _TORCHVISION},
+        **{n: (lambda n=n: _torchvision_vit(n, in_chans, num_classes)) for n in _VIT},
     }
     if name.startswith("timm:"):
         model = _timm_model(name.removeprefix("timm:"), in_chans, num_classes)
@@ -78,9 +130,96 @@ def create_model(
     else:
         raise ValueError(f"unknown model {name!r}; choose one of {list_models()}")
     if pretrained_path is not None:
-        state = torch.load(pretrained_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+        load_pretrained(model, pretrained_path, storage)
     return model
+
+
+# -- pretrained weights ----------------------------------------------------------------------------
+
+
+def read_state_dict(source: str | Path, storage: StorageConfig | None = None) -> dict[str, torch.Tensor]:
+    """A state_dict from a local file or a storage URI (``s3://``: through ``lensmill.storage``).
+
+    Accepted files: a bare state_dict, ``{"state_dict": ...}`` (lensmill member files, timm/Lightning
+    checkpoints) or ``{"model": ...}`` (lensmill's resume state). Never downloads from a model hub.
+    """
+    text = str(source)
+    if "://" in text and not text.startswith("file://"):
+        from lensmill.config import StorageConfig
+        from lensmill.storage import read_bytes
+
+        data = read_bytes(text, storage or StorageConfig())
+        blob = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    else:
+        path = Path(text.removeprefix("file://")).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"pretrained weights not found: {path}")
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(blob, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(blob.get(key), dict):
+                blob = blob[key]
+                break
+    if not isinstance(blob, dict) or not all(isinstance(v, torch.Tensor) for v in blob.values()):
+        raise ValueError(f"{source} does not hold a state_dict (a mapping of parameter names to tensors)")
+    return blob
+
+
+def _strip_prefixes(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _KEY_PREFIXES:
+            if key.startswith(prefix):
+                key, changed = key[len(prefix) :], True
+    return key
+
+
+def adapt_input_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """A first-layer conv weight (O, C_src, kh, kw) for ``in_chans`` input channels (timm's recipe):
+    one band sums the source channels; other counts tile them and rescale to keep activations."""
+    src = weight.shape[1]
+    if in_chans == 1:
+        return weight.sum(dim=1, keepdim=True)
+    reps = math.ceil(in_chans / src)
+    return weight.repeat(1, reps, 1, 1)[:, :in_chans] * (src / in_chans)
+
+
+def _same_but_in_chans(src: torch.Tensor, want: torch.Tensor) -> bool:
+    return src.shape[0] == want.shape[0] and src.shape[2:] == want.shape[2:]
+
+
+def load_pretrained(
+    model: nn.Module, source: str | Path, storage: StorageConfig | None = None
+) -> dict[str, list[str]]:
+    """Load matching weights from ``source`` into ``model``; returns what was loaded, adapted, skipped.
+
+    Keys may carry ``module.``/``backbone.`` prefixes. A first conv with another number of input
+    channels is adapted (``adapt_input_conv``); other shape mismatches (a 1000-class ImageNet head
+    against our one-logit head) are skipped and keep their fresh initialisation. Raises ValueError
+    when nothing matches (the file is for another architecture).
+    """
+    src = {_strip_prefixes(k): v for k, v in read_state_dict(source, storage).items()}
+    target = model.state_dict()
+    loaded, adapted, skipped = [], [], []
+    new_state: dict[str, torch.Tensor] = {}
+    for key, value in src.items():
+        want = target.get(key)
+        if want is not None and want.shape == value.shape:
+            new_state[key] = value
+            loaded.append(key)
+        elif want is not None and value.ndim == 4 and want.ndim == 4 and _same_but_in_chans(value, want):
+            # (O, C_src, kh, kw) -> (O, C, kh, kw): the input conv of a model with other bands.
+            new_state[key] = adapt_input_conv(value, want.shape[1]).to(want.dtype)
+            adapted.append(key)
+        else:
+            skipped.append(key)
+    if not new_state:
+        raise ValueError(
+            f"no weight in {source} matches the model ({type(model).__name__}): wrong architecture?"
+        )
+    model.load_state_dict(new_state, strict=False)
+    return {"loaded": loaded, "adapted": adapted, "skipped": skipped}
 
 
 class LensClassifier(nn.Module):

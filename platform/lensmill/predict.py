@@ -3,14 +3,21 @@
 On disk an ensemble is a directory (the contract between the ensemble stage, MLflow and serving)::
 
     ensemble.json   {"format_version": 1, "image_shape": [C, H, W], "threshold": 0.5,
-                     "dataset_id": "...", "members": [{"name": ..., "model": ..., "weight": ...,
+                     "temperature": 1.3, "dataset_id": "...",
+                     "members": [{"name": ..., "model": ..., "weight": ...,
                      "file": "member-0.pt", "val_auc": ...}, ...]}
     member-0.pt     written by ``lensmill.models.save_classifier``
     ...
 
-Top-level keys other than ``format_version``, ``image_shape``, ``threshold`` and ``members`` (such as
-``dataset_id``) are kept in ``EnsemblePredictor.info``; member keys other than ``name``, ``weight`` and
-``file`` are kept in ``Member.meta``.
+``temperature`` (fitted on the validation split by the ensemble stage; 1.0 when absent, as in
+artifacts written before it existed) calibrates the ensemble: ``p_lens = sigmoid(logit(p) / T)`` of
+the weighted mean ``p`` of the members' probabilities. T > 1 softens over-confident scores. It keeps
+the ranking (ROC AUC, TPR0/10) and the p = 0.5 point, so serving and evaluation share one calibrated
+``p_lens``.
+
+Top-level keys other than ``format_version``, ``image_shape``, ``threshold``, ``temperature`` and
+``members`` (such as ``dataset_id``) are kept in ``EnsemblePredictor.info``; member keys other than
+``name``, ``weight`` and ``file`` are kept in ``Member.meta``.
 """
 
 from __future__ import annotations
@@ -25,11 +32,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from lensmill.evaluate import apply_temperature
 from lensmill.models import LensClassifier, load_classifier, save_classifier
 
 FORMAT_VERSION = 1
 MANIFEST = "ensemble.json"
-_RESERVED_KEYS = ("format_version", "image_shape", "threshold", "members")
+_RESERVED_KEYS = ("format_version", "image_shape", "threshold", "temperature", "members")
 # Member keys that save() writes itself, or that the member file already holds (save_classifier).
 _MEMBER_FILE_KEYS = ("name", "weight", "file", "model", "in_chans", "norm_mean", "norm_std", "state_dict")
 
@@ -111,7 +119,8 @@ def validate_images(images: Any, image_shape: Sequence[int]) -> np.ndarray:
 
 
 class EnsemblePredictor:
-    """Weighted average of member probabilities, with a decision threshold and the members' spread."""
+    """Weighted average of member probabilities, temperature-calibrated, with a decision threshold
+    and the members' spread."""
 
     def __init__(
         self,
@@ -120,6 +129,7 @@ class EnsemblePredictor:
         threshold: float = 0.5,
         info: dict[str, Any] | None = None,
         batch_size: int = 256,
+        temperature: float = 1.0,
     ) -> None:
         if not members:
             raise ValueError("an ensemble needs at least one member")
@@ -136,6 +146,12 @@ class EnsemblePredictor:
             raise ValueError(f"threshold must lie in (0, 1), got {threshold}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        try:
+            t = float(temperature)
+        except (TypeError, ValueError):
+            t = math.nan
+        if not (math.isfinite(t) and t > 0):
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
         for m in members:
             in_chans = int(m.model.mean.shape[1])
             if in_chans != shape[0]:
@@ -148,6 +164,7 @@ class EnsemblePredictor:
         self._threshold = float(threshold)
         self._info = dict(info or {})
         self._batch_size = int(batch_size)
+        self._temperature = t
         # Stored normalised so that combine() and spread use the same weights the files describe.
         self._weights = weights / weights.sum()
 
@@ -159,6 +176,11 @@ class EnsemblePredictor:
     @property
     def threshold(self) -> float:
         return self._threshold
+
+    @property
+    def temperature(self) -> float:
+        """Calibration temperature applied to the ensemble's probability (1.0 = none)."""
+        return self._temperature
 
     @property
     def members(self) -> list[Member]:
@@ -222,15 +244,22 @@ class EnsemblePredictor:
         var = ((p - mean[:, None]) ** 2) @ w
         return np.sqrt(np.maximum(var, 0.0))
 
+    def calibrate(self, p: np.ndarray) -> np.ndarray:
+        """Apply this ensemble's temperature to combined probabilities (N,)."""
+        return apply_temperature(p, self._temperature)
+
     def predict(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        """p_lens (N,), label (N,) int, member_probs (N, M), spread (N,) for raw images."""
+        """For raw images: p_lens (N,) calibrated, label (N,) int at the threshold, member_probs
+        (N, M) and spread (N,) (uncalibrated member outputs), p_lens_uncalibrated (N,)."""
         member_probs = self.member_probabilities(images)
-        p_lens = self.combine(member_probs, self._weights)
+        p_raw = self.combine(member_probs, self._weights)
+        p_lens = self.calibrate(p_raw)
         return {
             "p_lens": p_lens,
             "label": (p_lens >= self._threshold).astype(np.int64),
             "member_probs": member_probs,
             "spread": self.weighted_std(member_probs, self._weights),
+            "p_lens_uncalibrated": p_raw,
         }
 
     # -- persistence ------------------------------------------------------------------------------
@@ -252,6 +281,7 @@ class EnsemblePredictor:
             "format_version": FORMAT_VERSION,
             "image_shape": list(self._image_shape),
             "threshold": self._threshold,
+            "temperature": self._temperature,
             **info,
             "members": entries,
         }
@@ -289,6 +319,15 @@ class EnsemblePredictor:
         threshold = manifest.get("threshold", 0.5)
         if not isinstance(threshold, int | float) or not 0 < threshold < 1:
             raise bad(f"threshold must be a number in (0, 1), got {threshold!r}")
+        # Artifacts from before calibration have no temperature: they score as they always did.
+        temperature = manifest.get("temperature", 1.0)
+        if (
+            isinstance(temperature, bool)
+            or not isinstance(temperature, int | float)
+            or not math.isfinite(temperature)
+            or temperature <= 0
+        ):
+            raise bad(f"temperature must be a number > 0, got {temperature!r}")
         entries = manifest.get("members")
         if not isinstance(entries, list) or not entries:
             raise bad("members must be a non-empty list")
@@ -315,6 +354,13 @@ class EnsemblePredictor:
 
         info = {k: v for k, v in manifest.items() if k not in _RESERVED_KEYS}
         try:
-            return cls(members, shape, threshold=float(threshold), info=info, batch_size=batch_size)
+            return cls(
+                members,
+                shape,
+                threshold=float(threshold),
+                info=info,
+                batch_size=batch_size,
+                temperature=float(temperature),
+            )
         except ValueError as exc:
             raise bad(str(exc)) from None

@@ -1,9 +1,18 @@
 """Ray Train: one architecture, DDP over N workers, shards streamed from Ray Data.
 
 ``fit(cfg)`` runs a ``TorchTrainer`` whose workers run ``train_fn_per_worker``: a checkpoint every
-epoch under ``{storage.root}/runs/{run_name}``, the best K kept by validation AUC, metrics to MLflow
-from rank 0. Rerunning the same config (same run name) resumes from the last checkpoint; a finished
-run returns its recorded summary without training again.
+epoch under ``{storage.root}/runs/{run_name}``, the best K kept by validation AUC (plus the latest,
+which resume needs), metrics to MLflow from rank 0, optional early stopping on validation AUC.
+Rerunning the same config (same run name) resumes from the last checkpoint; a finished run returns
+its recorded summary without training again. A worker group that fails is restarted by Ray Train
+(``train.max_failures``) and resumes from the last checkpoint; each epoch's history entry says which
+attempt ran it and which checkpoint that attempt resumed from (``attempts.json`` lists the attempts).
+
+Data path: every epoch streams the worker's shard through Ray Data, unless the shard is small enough
+to keep in memory (``TRAIN_CACHE_MAX_BYTES``): then the first epoch streams it once, keeping the
+decoded tensors, and later epochs shuffle and slice those in the worker with no Ray Data work at all.
+On a 2-core machine that removes the per-epoch read/shuffle/collate tasks that competed with the
+training threads.
 """
 
 from __future__ import annotations
@@ -12,6 +21,8 @@ import json
 import math
 import tempfile
 import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +31,8 @@ import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from lensmill import tracking
-from lensmill.config import Config
-from lensmill.models import LensClassifier, save_classifier
+from lensmill.config import Config, StorageConfig
+from lensmill.models import LensClassifier, load_pretrained, save_classifier
 from lensmill.shards import dataset_uri_for, decode_images, read_manifest, read_shards
 from lensmill.storage import (
     StorageError,
@@ -39,7 +50,10 @@ STATE_FILE = "state.pt"
 SUMMARY_FILE = "lensmill_result.json"
 RUN_INFO_FILE = "run_info.json"
 METRICS_FILE = "metrics.json"
+ATTEMPTS_FILE = "attempts.json"
 NORM_SAMPLE_ROWS = 4096
+# A worker keeps its decoded train + val shards in memory when they take at most this many bytes.
+TRAIN_CACHE_MAX_BYTES = 4 * 2**30
 
 
 class ImageCollate(NumpyBatchCollateFn):
@@ -54,6 +68,67 @@ class ImageCollate(NumpyBatchCollateFn):
             "image": torch.from_numpy(images),
             "label": torch.as_tensor(batch["label"], dtype=torch.float32),
         }
+
+
+class ShardBatches:
+    """One worker's shard of a split as (images (B, C, H, W), labels (B,)) batches.
+
+    Streams from Ray Data (``iter_torch_batches``, a local shuffle buffer when shuffling). With
+    ``cache`` the first complete pass also keeps the decoded tensors; every later pass is a seeded
+    permutation (or plain slices) of those, in this process. The cache holds the rows this worker
+    received on its first pass, so each rank then trains on a fixed partition (as with PyTorch's
+    DistributedSampler without reshuffling across ranks). Callers must not modify batches in place.
+    """
+
+    def __init__(
+        self,
+        shard: Any,
+        shape: tuple[int, int, int],
+        batch_size: int,
+        cache: bool,
+        shuffle_buffer_rows: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.shard = shard
+        self.collate = ImageCollate(shape)
+        self.batch_size = batch_size
+        self.cache = cache
+        self.shuffle_buffer_rows = shuffle_buffer_rows
+        self.seed = seed
+        self.images: torch.Tensor | None = None  # (N, C, H, W) once cached
+        self.labels: torch.Tensor | None = None  # (N,)
+
+    @property
+    def cached(self) -> bool:
+        return self.images is not None
+
+    def epoch(self, epoch: int, shuffle: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        bs = self.batch_size
+        if self.images is not None and self.labels is not None:
+            n = len(self.labels)
+            if not shuffle:
+                for s in range(0, n, bs):
+                    yield self.images[s : s + bs], self.labels[s : s + bs]
+                return
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + 7919 * epoch))
+            for s in range(0, n, bs):
+                idx = order[s : s + bs]
+                yield self.images[idx], self.labels[idx]
+            return
+        kept: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for batch in self.shard.iter_torch_batches(
+            batch_size=bs,
+            collate_fn=self.collate,
+            local_shuffle_buffer_size=self.shuffle_buffer_rows if shuffle else None,
+            local_shuffle_seed=self.seed + 7919 * epoch if shuffle else None,
+            prefetch_batches=2,
+        ):
+            if self.cache:
+                kept.append((batch["image"], batch["label"]))
+            yield batch["image"], batch["label"]
+        if self.cache and kept:  # only a complete pass becomes the cache
+            self.images = torch.cat([x for x, _ in kept])
+            self.labels = torch.cat([y for _, y in kept])
 
 
 def dihedral_augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -85,14 +160,15 @@ def _gather(arr: np.ndarray) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def _validate(model: torch.nn.Module, it, collate: ImageCollate, batch_size: int, device) -> dict[str, float]:
+def _validate(model: torch.nn.Module, data: ShardBatches, device: torch.device) -> dict[str, float]:
+    """Validation metrics over the whole split (gathered from every rank: identical on all ranks)."""
     model.eval()
     probs, labels = [], []
     with torch.inference_mode():
-        for batch in it.iter_torch_batches(batch_size=batch_size, collate_fn=collate):
-            logits = model(batch["image"].to(device)).float()
+        for x, y in data.epoch(0, shuffle=False):
+            logits = model(x.to(device)).float()
             probs.append(torch.sigmoid(logits).cpu().numpy())
-            labels.append(batch["label"].numpy())
+            labels.append(y.numpy())
     p = _gather(np.concatenate(probs) if probs else np.zeros(0, np.float32))
     y = _gather(np.concatenate(labels) if labels else np.zeros(0, np.float32))
     eps = 1e-7
@@ -100,13 +176,69 @@ def _validate(model: torch.nn.Module, it, collate: ImageCollate, batch_size: int
     return {"val_auc": _roc_auc(y, p), "val_loss": loss, "val_accuracy": float(np.mean((p >= 0.5) == y))}
 
 
+def should_stop_early(history: list[dict[str, Any]], patience: int | None) -> bool:
+    """True when validation AUC has not improved for ``patience`` epochs (ties are no improvement;
+    a NaN AUC counts as the worst). Depends only on the history, so a resumed run decides the same."""
+    if patience is None or not history:
+        return False
+    aucs = [-math.inf if math.isnan(h["val_auc"]) else h["val_auc"] for h in history]
+    best = int(np.argmax(aucs))  # the first of equal maxima
+    return len(history) - 1 - best >= patience
+
+
+def plan_attempt(
+    previous: list[dict[str, Any]], fail_at_epoch: int | None, start_epoch: int, resumed_from: int | None
+) -> dict[str, Any]:
+    """This start of the training function, given the earlier ones of the same run.
+
+    The fault drill (``fail_at_epoch``) is planned at most once per run: by the first attempt that
+    will reach that epoch. Deciding from the recorded attempts (not from "is there a checkpoint")
+    also holds for ``fail_at_epoch=0``, where the restart has no checkpoint either.
+    """
+    drilled = any(a.get("inject_failure_at") is not None for a in previous)
+    inject = (
+        fail_at_epoch if fail_at_epoch is not None and not drilled and start_epoch <= fail_at_epoch else None
+    )
+    return {
+        "attempt": len(previous),
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "start_epoch": start_epoch,
+        "resumed_from_epoch": resumed_from,
+        "inject_failure_at": inject,
+    }
+
+
+def _record_attempt(
+    run_uri: str,
+    storage: StorageConfig,
+    fail_at_epoch: int | None,
+    start_epoch: int,
+    resumed_from: int | None,
+) -> dict[str, Any]:
+    """Rank 0: append this attempt to ``attempts.json`` in the run folder; returns its entry."""
+    uri = join_uri(run_uri, ATTEMPTS_FILE)
+    try:
+        previous = read_json(uri, storage)
+    except StorageError:
+        previous = []
+    entry = plan_attempt(previous, fail_at_epoch, start_epoch, resumed_from)
+    write_json(uri, [*previous, entry], storage)
+    return entry
+
+
 def train_fn_per_worker(config: dict[str, Any]) -> None:
-    """The per-worker loop (Ray Train V2): resume, train, validate, checkpoint, report, every epoch."""
+    """The per-worker loop (Ray Train V2): resume, train, validate, checkpoint, report, every epoch.
+
+    Every rank calls ``ray.train.report`` once per epoch and stops at the same epoch (early stopping
+    decides on gathered, hence identical, validation metrics): DDP collectives stay matched.
+    """
     import ray.train
     import ray.train.torch
+    from ray.train.collective import broadcast_from_rank_zero
 
     ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    cfg = Config.model_validate(config["cfg"])
     # Ray sets OMP_NUM_THREADS to the worker's CPU reservation (1 when fractional): be explicit.
     torch.set_num_threads(config["torch_threads"] or max(1, int(config["cpus_per_worker"])))
     torch.manual_seed(config["seed"])  # same init on every rank (DDP also broadcasts rank 0's weights)
@@ -116,7 +248,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config["epochs"])
-    start_epoch, history = 0, []
+    start_epoch, history, resumed_from = 0, [], None
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -125,31 +257,42 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        start_epoch, history = state["epoch"] + 1, state["history"]
+        start_epoch, history, resumed_from = state["epoch"] + 1, state["history"], state["epoch"]
+    elif config.get("pretrained_uri"):
+        load_pretrained(model.backbone, config["pretrained_uri"], cfg.storage)
+
+    # Rank 0 records the attempt; the broadcast hands every rank the same plan (and is a barrier).
+    attempt = broadcast_from_rank_zero(
+        _record_attempt(
+            config["run_uri"], cfg.storage, config.get("fail_at_epoch"), start_epoch, resumed_from
+        )
+        if rank == 0
+        else None
+    )
 
     model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
     use_bf16 = device.type == "cuda"
     generator = torch.Generator().manual_seed(config["seed"] * 1000 + rank)
-    collate = ImageCollate(shape)
-    train_it = ray.train.get_dataset_shard("train")
-    val_it = ray.train.get_dataset_shard("val")
+    batch_size, cache = config["batch_size"], config.get("cache_in_memory", False)
+    train_data = ShardBatches(
+        ray.train.get_dataset_shard("train"), shape, batch_size, cache,
+        config["shuffle_buffer_rows"], seed=config["seed"] + rank,
+    )  # fmt: skip
+    val_data = ShardBatches(ray.train.get_dataset_shard("val"), shape, batch_size, cache)
     bce = torch.nn.BCEWithLogitsLoss()
 
     for epoch in range(start_epoch, config["epochs"]):
-        if config.get("fail_at_epoch") == epoch and not checkpoint:
-            raise RuntimeError(f"injected failure at epoch {epoch} (fail_at_epoch)")
+        if attempt["inject_failure_at"] == epoch:
+            raise RuntimeError(f"injected failure at epoch {epoch} (train.fail_at_epoch), rank {rank}")
         model.train()
+        from_cache = train_data.cached  # False for the epoch that streams (and fills the cache)
         t0, seen, loss_sum = time.perf_counter(), 0, 0.0
-        batches = train_it.iter_torch_batches(
-            batch_size=config["batch_size"],
-            collate_fn=collate,
-            local_shuffle_buffer_size=config["shuffle_buffer_rows"],
-            local_shuffle_seed=config["seed"] + 7919 * epoch + rank,
-            prefetch_batches=2,
-        )
-        for batch in batches:
-            x, y = batch["image"], batch["label"]
+        for x, y in train_data.epoch(epoch, shuffle=True):
+            if len(y) < 2:
+                # BatchNorm cannot train on one image; ranks hold equal row counts (Ray Train splits
+                # datasets with equal=True), so every rank skips the same step.
+                continue
             if config["augment"]:
                 x = dihedral_augment(x, generator)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -160,16 +303,23 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             loss.backward()
             optimizer.step()
             seen += len(y)
-            loss_sum += float(loss) * len(y)
+            loss_sum += loss.item() * len(y)
         scheduler.step()
         train_s = time.perf_counter() - t0
-        metrics = {
+        metrics: dict[str, Any] = {
             "epoch": epoch,
+            "attempt": attempt["attempt"],
+            "resumed_from_epoch": resumed_from,
             "train_loss": loss_sum / max(seen, 1),
-            "train_images_per_s": seen * ctx.get_world_size() / max(train_s, 1e-9),
+            "train_images": seen * world,
+            "train_seconds": train_s,
+            "train_images_per_s": seen * world / max(train_s, 1e-9),
+            "data_from_cache": from_cache,
             "lr": scheduler.get_last_lr()[0],
-            **_validate(model, val_it, collate, config["batch_size"], device),
+            **_validate(model, val_data, device),
         }
+        stop = should_stop_early([*history, metrics], config.get("early_stopping_patience"))
+        metrics["early_stop"] = stop
         history.append(metrics)
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
@@ -189,9 +339,12 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                 (Path(tmp) / METRICS_FILE).write_text(json.dumps({"metrics": metrics, "history": history}))
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
                 if config.get("mlflow_run_id"):
-                    cfg = Config.model_validate(config["cfg"])
                     tracking.log_metrics(cfg, config["mlflow_run_id"], metrics, step=epoch)
-            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch-{epoch:04d}")
+            # None ("not resumed") stays in the history; Ray's and Tune's loggers get numbers only.
+            reported = {k: v for k, v in metrics.items() if v is not None}
+            ray.train.report(reported, checkpoint=ckpt, checkpoint_dir_name=f"epoch-{epoch:04d}")
+        if stop:
+            break
 
 
 def norm_stats(dataset_uri: str, cfg: Config, shape: tuple[int, int, int]) -> dict[str, list[float]]:
@@ -221,17 +374,32 @@ def runs_uri(cfg: Config) -> str:
     return join_uri(absolute_uri(cfg.storage.root), "runs")
 
 
+def fits_in_memory(cfg: Config, manifest: dict[str, Any]) -> bool:
+    """Whether each worker's train + val shards, decoded, fit under ``TRAIN_CACHE_MAX_BYTES``."""
+    image_bytes = 4 * int(np.prod(manifest["image_shape"]))
+    rows = sum(manifest["splits"][s]["rows"] for s in ("train", "val"))
+    return math.ceil(rows / cfg.train.num_workers) * image_bytes <= TRAIN_CACHE_MAX_BYTES
+
+
 def fit(
-    cfg: Config, run_name: str | None = None, callbacks: list | None = None, parent_run_id: str | None = None
+    cfg: Config,
+    run_name: str | None = None,
+    callbacks: list | None = None,
+    parent_run_id: str | None = None,
+    cache_in_memory: bool | None = None,
 ) -> dict[str, Any]:
-    """Train ``cfg.train.model`` on the dataset ``cfg`` describes; returns the run's summary."""
+    """Train ``cfg.train.model`` on the dataset ``cfg`` describes; returns the run's summary.
+
+    ``cache_in_memory``: keep each worker's decoded shards in memory after the first epoch; None
+    decides by size (``fits_in_memory``).
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     run_name = run_name or run_name_for(cfg)
-    summary_uri = join_uri(runs_uri(cfg), run_name, SUMMARY_FILE)
+    run_uri = join_uri(runs_uri(cfg), run_name)
     try:
-        return read_json(summary_uri, cfg.storage)  # finished before: nothing to do
+        return read_json(join_uri(run_uri, SUMMARY_FILE), cfg.storage)  # finished before: nothing to do
     except StorageError:
         pass
 
@@ -239,13 +407,18 @@ def fit(
     manifest = read_manifest(dataset_uri, cfg.storage)
     shape = tuple(manifest["image_shape"])
     norm = norm_stats(dataset_uri, cfg, shape)
-    run_id = tracking.start_run(cfg, run_name, "train", manifest["dataset_id"], params=norm)
+    if cache_in_memory is None:
+        cache_in_memory = fits_in_memory(cfg, manifest)
+    run_id = tracking.start_run(
+        cfg, run_name, "train", manifest["dataset_id"], params={**norm, "cache_in_memory": cache_in_memory}
+    )
     if parent_run_id:
         tracking.client(cfg).set_tag(run_id, "mlflow.parentRunId", parent_run_id)
     t = cfg.train
     use_gpu = _gpus_available() if t.use_gpu is None else t.use_gpu
     loop_config = {
         "cfg": cfg.model_dump(mode="json"),
+        "run_uri": run_uri,
         "model": t.model,
         "image_shape": list(shape),
         **norm,
@@ -258,18 +431,23 @@ def fit(
         "torch_threads": t.torch_threads,
         "cpus_per_worker": t.cpus_per_worker,
         "shuffle_buffer_rows": max(4 * t.batch_size, 1024),
+        "cache_in_memory": cache_in_memory,
         "mlflow_run_id": run_id,
         "fail_at_epoch": t.fail_at_epoch,
+        "early_stopping_patience": t.early_stopping_patience,
+        "pretrained_uri": t.pretrained_uri,
     }
     write_json(
-        join_uri(runs_uri(cfg), run_name, RUN_INFO_FILE),
+        join_uri(run_uri, RUN_INFO_FILE),
         {"run_name": run_name, "model": t.model, "lr": t.lr, "dataset_uri": dataset_uri,
          "dataset_id": manifest["dataset_id"], "mlflow_run_id": run_id, "image_shape": list(shape),
-         "in_chans": shape[0]},
+         "in_chans": shape[0], "pretrained_uri": t.pretrained_uri, "cache_in_memory": cache_in_memory},
         cfg.storage,
     )  # fmt: skip
     runs = locate(runs_uri(cfg), cfg.storage)
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    # Only the two columns training reads: Ray Data pushes the projection down into the Parquet scan.
+    columns = ["image", "label"]
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config=loop_config,
@@ -289,8 +467,10 @@ def fit(
             callbacks=callbacks,
         ),
         datasets={
-            "train": read_shards(dataset_uri, "train", cfg.storage).randomize_block_order(),
-            "val": read_shards(dataset_uri, "val", cfg.storage),
+            "train": read_shards(dataset_uri, "train", cfg.storage)
+            .select_columns(columns)
+            .randomize_block_order(),
+            "val": read_shards(dataset_uri, "val", cfg.storage).select_columns(columns),
         },
     )
     try:
@@ -303,7 +483,11 @@ def fit(
 
 def summarize_run(cfg: Config, run_name: str, stopped_early: bool = False) -> dict[str, Any]:
     """The run's summary, rebuilt from what is in storage alone (so it also works for a trial that
-    Tune stopped mid-run); written next to the checkpoints and closing the run's MLflow record."""
+    Tune stopped mid-run); written next to the checkpoints and closing the run's MLflow record.
+
+    ``stopped_early``: Tune's scheduler stopped the run. ``stop_reason`` tells that apart from early
+    stopping on validation AUC (``train.early_stopping_patience``).
+    """
     run_uri = join_uri(runs_uri(cfg), run_name)
     info = read_json(join_uri(run_uri, RUN_INFO_FILE), cfg.storage)
     reports = [
@@ -313,30 +497,40 @@ def summarize_run(cfg: Config, run_name: str, stopped_early: bool = False) -> di
     ]
     if not reports:
         raise RuntimeError(f"run {run_name} has no checkpoint under {run_uri}")
+    try:
+        attempts = read_json(join_uri(run_uri, ATTEMPTS_FILE), cfg.storage)
+    except StorageError:
+        attempts = []
 
     def score(r: tuple[str, dict]) -> float:
         auc = r[1]["metrics"]["val_auc"]
         return -math.inf if math.isnan(auc) else auc
 
     best_dir, best = max(reports, key=score)
+    # Ray Train always keeps the latest checkpoint (besides the best K): its history is complete.
     latest = max(reports, key=lambda r: r[1]["metrics"]["epoch"])[1]
+    patience_stop = bool(latest["metrics"].get("early_stop"))
     summary = {
         **info,
         "val_auc": best["metrics"]["val_auc"],
         "best_epoch": best["metrics"]["epoch"],
         "epochs_run": len(latest["history"]),
-        "stopped_early": stopped_early,
+        "stopped_early": stopped_early or patience_stop,
+        "stop_reason": "early_stopping" if patience_stop else ("scheduler" if stopped_early else None),
+        "attempts": len(attempts),
         "checkpoint_uri": join_uri(run_uri, best_dir),
         "member_file": MEMBER_FILE,
         "history": latest["history"],
     }
     run_id = info["mlflow_run_id"]
     tracking.log_metrics(
-        cfg, run_id, {"best_val_auc": summary["val_auc"], "best_epoch": summary["best_epoch"]}
+        cfg,
+        run_id,
+        {"best_val_auc": summary["val_auc"], "best_epoch": summary["best_epoch"], "attempts": len(attempts)},
     )
     tracking.log_dict(cfg, run_id, latest["history"], "history.json")
-    if stopped_early:
-        tracking.client(cfg).set_tag(run_id, "lensmill.stopped_early", "true")
+    if summary["stop_reason"]:
+        tracking.client(cfg).set_tag(run_id, "lensmill.stopped_early", summary["stop_reason"])
     tracking.end_run(cfg, run_id)
     write_json(join_uri(run_uri, SUMMARY_FILE), summary, cfg.storage)
     return summary

@@ -13,10 +13,20 @@ import pytest
 from sklearn import metrics as skm
 
 from lensmill.evaluate import (
+    apply_temperature,
+    bootstrap_intervals,
+    completeness_table,
     compute_metrics,
+    evaluation_metrics,
+    expected_calibration_error,
+    fit_temperature,
+    plot_completeness,
     plot_confusion,
+    plot_pr,
+    plot_reliability,
     plot_roc,
     plot_score_histogram,
+    reliability_table,
     tpr_at_max_fp,
 )
 
@@ -261,3 +271,113 @@ def test_importing_evaluate_loads_neither_matplotlib_nor_ray_nor_mlflow() -> Non
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# --- calibration ---------------------------------------------------------------------------------
+
+
+def test_ece_by_hand() -> None:
+    # Bin [0.8, 0.867) with 4 objects at p = 0.8, one lens: |0.8 - 0.25| = 0.55, weight 4/8.
+    # Bin [0.133, 0.2) ... p = 0.15 for 4 objects, none lenses: |0.15 - 0| = 0.15, weight 4/8.
+    labels = [1, 0, 0, 0, 0, 0, 0, 0]
+    probs = [0.8, 0.8, 0.8, 0.8, 0.15, 0.15, 0.15, 0.15]
+    assert expected_calibration_error(labels, probs, 15) == pytest.approx(0.5 * 0.55 + 0.5 * 0.15)
+    # Perfectly calibrated bins give 0: p = 0.25 where a quarter are lenses, p = 0.75 where three quarters.
+    labels = [1, 0, 0, 0, 1, 1, 1, 0]
+    probs = [0.25] * 4 + [0.75] * 4
+    assert expected_calibration_error(labels, probs, 10) == pytest.approx(0.0, abs=1e-12)
+    rows = reliability_table(labels, probs, 10)
+    assert len(rows) == 10 and sum(r["n"] for r in rows) == 8
+    assert [r["frac_lens"] for r in rows if r["n"]] == [0.25, 0.75]
+    # p = 1.0 lands in the last bin, p = 0.0 in the first.
+    rows = reliability_table([1, 0], [1.0, 0.0], 4)
+    assert rows[-1]["n"] == 1 and rows[0]["n"] == 1
+
+
+def test_temperature_softens_over_confident_scores_and_lowers_ece() -> None:
+    rng = np.random.default_rng(0)
+    n = 4000
+    true_logit = rng.normal(0.0, 1.5, n)
+    labels = (rng.random(n) < 1 / (1 + np.exp(-true_logit))).astype(int)
+    calibrated = 1 / (1 + np.exp(-true_logit))
+    over = 1 / (1 + np.exp(-3.0 * true_logit))  # logits 3x too large: over-confident
+    under = 1 / (1 + np.exp(-0.4 * true_logit))
+    t_over = fit_temperature(labels, over)
+    assert t_over > 1.0 and t_over == pytest.approx(3.0, rel=0.15)
+    assert fit_temperature(labels, under) < 1.0
+    assert fit_temperature(labels, calibrated) == pytest.approx(1.0, abs=0.15)
+    fixed = apply_temperature(over, t_over)
+    assert expected_calibration_error(labels, fixed) < 0.5 * expected_calibration_error(labels, over)
+    # Temperature keeps the ranking (AUC) and the 0.5 point.
+    assert skm.roc_auc_score(labels, fixed) == pytest.approx(skm.roc_auc_score(labels, over))
+    np.testing.assert_allclose(apply_temperature([0.5, 0.0, 1.0], 2.5), [0.5, 0.0, 1.0])
+    np.testing.assert_allclose(apply_temperature(over, 1.0), over)
+    # sigmoid(logit(0.9) / 2) by hand.
+    assert apply_temperature([0.9], 2.0)[0] == pytest.approx(1 / (1 + math.exp(-math.log(9) / 2)))
+    with pytest.raises(ValueError, match="temperature"):
+        apply_temperature([0.5], 0.0)
+
+
+# --- bootstrap and completeness ------------------------------------------------------------------
+
+
+def test_bootstrap_interval_contains_the_point_estimate_and_is_seeded(scored) -> None:
+    labels, probs = scored
+    boot = bootstrap_intervals(labels, probs, 0.5, n_samples=300, seed=7)
+    m = compute_metrics(labels, probs, 0.5)
+    assert boot["roc_auc"]["estimate"] == pytest.approx(m["roc_auc"])  # rank AUC = scikit-learn's
+    assert boot["accuracy"]["estimate"] == pytest.approx(m["accuracy"])
+    for key in ("roc_auc", "accuracy"):
+        r = boot[key]
+        assert r["low"] < r["estimate"] < r["high"]
+        assert r["high"] - r["low"] < 0.2  # 400 objects: a few percent either side
+    assert boot == bootstrap_intervals(labels, probs, 0.5, n_samples=300, seed=7)
+    assert boot != bootstrap_intervals(labels, probs, 0.5, n_samples=300, seed=8)
+    none = bootstrap_intervals(labels, probs, 0.5, n_samples=0)
+    assert none["roc_auc"]["low"] is None and none["accuracy"]["estimate"] == m["accuracy"]
+
+
+def test_completeness_table_bins_lenses_by_a_property() -> None:
+    labels = np.array([1, 1, 1, 1, 1, 1, 0, 0])
+    probs = np.array([0.1, 0.2, 0.9, 0.7, 0.8, 0.95, 0.9, 0.1])
+    theta = np.array([0.5, 0.6, 1.0, 1.1, 1.5, 1.6, np.nan, np.nan])  # non-lenses have none
+    rows = completeness_table(labels, probs, theta, threshold=0.5, n_bins=3)
+    assert [r["n_lenses"] for r in rows] == [2, 2, 2]
+    assert [r["completeness"] for r in rows] == [0.0, 1.0, 1.0]
+    assert rows[0]["lo"] == 0.5 and rows[-1]["hi"] == 1.6
+    for r in rows:
+        assert 0.0 <= r["ci_low"] <= r["completeness"] <= r["ci_high"] <= 1.0
+    assert completeness_table([0, 0], [0.1, 0.9], [np.nan, np.nan]) == []
+    # All values equal: one bin.
+    one = completeness_table([1, 1], [0.9, 0.1], [2.0, 2.0], n_bins=4)
+    assert len(one) == 1 and one[0]["completeness"] == 0.5
+
+
+def test_evaluation_metrics_are_json_and_hold_every_section(scored) -> None:
+    from lensmill.config import EvaluateConfig
+
+    labels, probs = scored
+    params = {"theta_e_arcsec": np.where(labels == 1, np.linspace(0.8, 2.0, labels.size), np.nan)}
+    settings = EvaluateConfig(bootstrap_samples=50, calibration_bins=10, completeness_bins=4, seed=1)
+    m = evaluation_metrics(labels, apply_temperature(probs, 1.5), probs, params, 0.5, 1.5, settings)
+    assert set(m) >= EXPECTED_KEYS
+    assert m["temperature"] == 1.5 and m["calibration_bins"] == 10 and len(m["reliability"]) == 10
+    assert m["roc_auc_ci95"][0] < m["roc_auc"] < m["roc_auc_ci95"][1]
+    assert len(m["completeness"]["theta_e_arcsec"]) == 4
+    assert json.loads(json.dumps(m)) == m
+
+
+def test_new_plots_write_png_files(scored, tmp_path: Path) -> None:
+    labels, probs = scored
+    paths = [
+        plot_pr(labels, probs, tmp_path / "pr.png"),
+        plot_reliability(
+            labels, {"raw": probs, "T = 2": apply_temperature(probs, 2.0)}, tmp_path / "rel.png"
+        ),
+        plot_completeness(
+            completeness_table(labels, probs, np.linspace(0, 1, labels.size)), tmp_path / "c.png", "x"
+        ),
+        plot_completeness([], tmp_path / "empty.png", "x"),
+    ]
+    for path in paths:
+        assert path.read_bytes()[:8] == PNG_MAGIC

@@ -187,6 +187,8 @@ def test_load_errors_name_the_path(predictor: EnsemblePredictor, tmp_path: Path)
         (lambda d: d["members"][0].pop("weight"), r"members\[0\] lacks \['weight'\]"),
         (lambda d: d["members"][1].update(file="gone.pt"), "gone.pt does not exist"),
         (lambda d: d.update(image_shape=[3, 32, 32]), "channel"),
+        (lambda d: d.update(temperature=0), "temperature"),
+        (lambda d: d.update(temperature="hot"), "temperature"),
     ]:
         broken = json.loads(json.dumps(manifest))
         mutate(broken)
@@ -194,3 +196,37 @@ def test_load_errors_name_the_path(predictor: EnsemblePredictor, tmp_path: Path)
         with pytest.raises(EnsembleArtifactError, match=pattern) as info:
             EnsemblePredictor.load(ens)
         assert str(ens / "ensemble.json") in str(info.value)
+
+
+def test_temperature_calibrates_p_lens_and_survives_a_round_trip(images: np.ndarray, tmp_path: Path) -> None:
+    members = [_member("tiny-a", 1, 0.6), _member("tiny-b", 2, 0.4)]
+    plain = EnsemblePredictor(members, SHAPE, info={"dataset_id": "ds"})
+    hot = EnsemblePredictor(members, SHAPE, info={"dataset_id": "ds"}, temperature=2.0)
+    assert plain.temperature == 1.0 and hot.temperature == 2.0
+    a, b = plain.predict(images), hot.predict(images)
+    np.testing.assert_allclose(b["p_lens_uncalibrated"], a["p_lens"])
+    np.testing.assert_allclose(a["p_lens_uncalibrated"], a["p_lens"])
+    z = np.log(a["p_lens"] / (1 - a["p_lens"]))
+    np.testing.assert_allclose(b["p_lens"], 1 / (1 + np.exp(-z / 2.0)), rtol=1e-12)
+    # T > 1 pulls every probability towards 0.5, keeps the order and the labels at threshold 0.5.
+    assert (np.abs(b["p_lens"] - 0.5) <= np.abs(a["p_lens"] - 0.5) + 1e-12).all()
+    np.testing.assert_array_equal(np.argsort(b["p_lens"]), np.argsort(a["p_lens"]))
+    np.testing.assert_array_equal(a["label"], b["label"])
+    np.testing.assert_allclose(b["member_probs"], a["member_probs"])  # members stay uncalibrated
+
+    hot.save(tmp_path / "ens")
+    manifest = json.loads((tmp_path / "ens" / "ensemble.json").read_text())
+    assert manifest["temperature"] == 2.0
+    loaded = EnsemblePredictor.load(tmp_path / "ens")
+    assert loaded.temperature == 2.0 and loaded.info == {"dataset_id": "ds"}
+    np.testing.assert_allclose(loaded.predict(images)["p_lens"], b["p_lens"], atol=1e-7)
+
+    # An artifact written before calibration existed has no temperature: it scores as before.
+    del manifest["temperature"]
+    (tmp_path / "ens" / "ensemble.json").write_text(json.dumps(manifest))
+    old = EnsemblePredictor.load(tmp_path / "ens")
+    assert old.temperature == 1.0
+    np.testing.assert_allclose(old.predict(images)["p_lens"], a["p_lens"], atol=1e-7)
+    for bad in (0.0, -1.0, float("nan"), float("inf"), "x"):
+        with pytest.raises(ValueError, match="temperature"):
+            EnsemblePredictor(members, SHAPE, temperature=bad)
