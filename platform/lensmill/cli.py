@@ -155,6 +155,183 @@ def pipeline(
     run_command(config, overrides, lambda cfg: run_pipeline(cfg, n_queries=queries))
 
 
+def _dataset_arg(uri: str | None, overrides: list[str] | None) -> tuple[str | None, list[str]]:
+    """A positional URI that is really an override (``lensmill validate sim.n_train=10``) goes back
+    to the overrides; the dataset then defaults to the one the config describes."""
+    overrides = list(overrides or [])
+    if uri is not None and "=" in uri and "://" not in uri and not Path(uri).exists():
+        return None, [uri, *overrides]
+    return uri, overrides
+
+
+def _dataset_uri(cfg: Config, uri: str | None) -> str:
+    from lensmill.shards import dataset_uri_for
+
+    return uri if uri is not None else dataset_uri_for(cfg)
+
+
+DatasetArg = Annotated[
+    str | None,
+    typer.Argument(help="Dataset URI (folder or s3://...); default: the dataset the config describes."),
+]
+
+
+@app.command("import")
+def import_cmd(
+    src: Annotated[Path, typer.Argument(help="Folder of class subfolders (lens/ nonlens/ or 1/ 0/).")],
+    overrides: Overrides = None,
+    config: ConfigPath = None,
+    out: Annotated[
+        str | None,
+        typer.Option("--out", help="Dataset URI to write (default: {storage.root}/datasets/{id})."),
+    ] = None,
+    labels_csv: Annotated[
+        Path | None, typer.Option("--labels-csv", help="CSV of path,label rows instead of class folders.")
+    ] = None,
+    val_fraction: Annotated[float, typer.Option(help="Fraction of each class for validation.")] = 0.1,
+    test_fraction: Annotated[float, typer.Option(help="Fraction of each class for the test split.")] = 0.1,
+    seed: Annotated[int | None, typer.Option(help="Split shuffle seed (default: sim.seed).")] = None,
+    pixel_scale: Annotated[
+        float | None, typer.Option(help="Pixel scale in arcsec, for the manifest.")
+    ] = None,
+    bands: Annotated[str | None, typer.Option(help="Comma-separated band names, one per channel.")] = None,
+) -> None:
+    """Import labelled PNG / FITS / NPY cutouts into Parquet shards + manifest (no Ray needed)."""
+    from lensmill.importer import import_cutouts
+
+    def fn(cfg: Config) -> dict[str, Any]:
+        m = import_cutouts(
+            src, out, cfg.storage, labels_csv=labels_csv, val_fraction=val_fraction,
+            test_fraction=test_fraction, seed=cfg.sim.seed if seed is None else seed,
+            rows_per_shard=cfg.sim.rows_per_shard, pixel_scale_arcsec=pixel_scale,
+            bands=[b.strip() for b in bands.split(",")] if bands else None,
+        )  # fmt: skip
+        return {
+            "dataset_uri": m["dataset_uri"],
+            "dataset_id": m["dataset_id"],
+            "image_shape": m["image_shape"],
+            "splits": m["splits"],
+            "files": len(m["files"]),
+            "inputs": m["inputs"]["count"],
+        }
+
+    run_command(config, overrides, fn, ray=False)
+
+
+@app.command()
+def validate(
+    uri: DatasetArg = None,
+    overrides: Overrides = None,
+    config: ConfigPath = None,
+    max_shortcut_auc: Annotated[
+        float, typer.Option(help="Fail when the nuisance-statistics classifier's AUC exceeds this.")
+    ] = 0.65,
+    max_imbalance: Annotated[
+        float, typer.Option(help="Fail when majority/minority class count in a split exceeds this.")
+    ] = 1.5,
+    shortcut_rows: Annotated[
+        int, typer.Option(help="Training rows the shortcut audit uses (at most).")
+    ] = 4000,
+    shortcut_features: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated statistics for the joint classifier (default: total_flux,peak_pixel,"
+            "background_std,psf_fwhm_arcsec; lens_flux is always audited on its own)."
+        ),
+    ] = None,
+) -> None:
+    """Check a dataset (schema, NaN/inf, value ranges, balance, checksums) and audit it for shortcuts.
+
+    Exit code 0 when every check passes, 1 when one fails, 2 when the dataset cannot be read.
+    """
+    from lensmill.audit import DEFAULT_SHORTCUT_FEATURES, validate_dataset
+
+    uri, overrides = _dataset_arg(uri, overrides)
+    features = (
+        tuple(f.strip() for f in shortcut_features.split(",") if f.strip())
+        if shortcut_features
+        else DEFAULT_SHORTCUT_FEATURES
+    )
+    result: dict[str, Any] = {}
+
+    def fn(cfg: Config) -> dict[str, Any]:
+        result.update(
+            validate_dataset(
+                _dataset_uri(cfg, uri), cfg.storage, max_shortcut_auc=max_shortcut_auc,
+                max_imbalance=max_imbalance, shortcut_rows=shortcut_rows, shortcut_features=features,
+                seed=cfg.sim.seed,
+            )
+        )  # fmt: skip
+        for c in result["checks"]:
+            print(f"{'ok  ' if c['ok'] else 'FAIL'} {c['name']}: {c['detail']}", file=sys.stderr)
+        return result
+
+    run_command(config, overrides, fn, ray=False)
+    if not result.get("ok"):
+        raise typer.Exit(1)
+
+
+@app.command()
+def preview(
+    uri: DatasetArg = None,
+    overrides: Overrides = None,
+    config: ConfigPath = None,
+    out: Annotated[
+        Path | None, typer.Option(help="PNG path (default: in the dataset folder, or the working folder).")
+    ] = None,
+    split: Annotated[str, typer.Option(help="Split to draw from.")] = "val",
+    per_class: Annotated[int, typer.Option(help="Lenses and non-lenses to show, each.", min=1)] = 16,
+    no_mlflow: Annotated[bool, typer.Option("--no-mlflow", help="Do not log the PNG to MLflow.")] = False,
+) -> None:
+    """Draw a PNG grid of lenses and non-lenses (asinh stretch, annotated); log it to MLflow."""
+    from lensmill.preview import preview as preview_stage
+
+    uri, overrides = _dataset_arg(uri, overrides)
+
+    def fn(cfg: Config) -> dict[str, Any]:
+        return preview_stage(
+            cfg, _dataset_uri(cfg, uri), out, split=split, n_per_class=per_class, mlflow=not no_mlflow
+        )
+
+    run_command(config, overrides, fn, ray=False)
+
+
+bench_app = typer.Typer(
+    name="bench", help="Benchmarks, each against a baseline in the same run.", no_args_is_help=True
+)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("simulate")
+def bench_simulate(
+    config: ConfigPath = None,
+    overrides: Overrides = None,
+    images: Annotated[
+        int | None, typer.Option(help="Images the platform writes (default: ~20 s of work per core).", min=8)
+    ] = None,
+    baseline_images: Annotated[
+        int | None, typer.Option(help="Images the plain loop renders (default: ~4 s of work).", min=1)
+    ] = None,
+) -> None:
+    """Plain lenstronomy loop vs Ray Data shard writing on all cores: images/s and per-core efficiency."""
+    from lensmill.bench.simulate import run_simulate_bench
+
+    # Ray is started by the bench itself, after the baseline, with one CPU per core.
+    run_command(config, overrides, lambda cfg: run_simulate_bench(cfg, images, baseline_images), ray=False)
+
+
+@bench_app.command("train")
+def bench_train(config: ConfigPath = None, overrides: Overrides = None) -> None:
+    """Training throughput benchmark (lensmill.bench.train)."""
+
+    def fn(cfg: Config) -> dict[str, Any]:
+        from lensmill.bench.train import run_train_bench
+
+        return run_train_bench(cfg)
+
+    run_command(config, overrides, fn)
+
+
 @app.command("models")
 def models_cmd() -> None:
     """List the model names create_model accepts."""
