@@ -307,7 +307,7 @@ def bench_simulate(
     config: ConfigPath = None,
     overrides: Overrides = None,
     images: Annotated[
-        int | None, typer.Option(help="Images the platform writes (default: ~20 s of work per core).", min=8)
+        int | None, typer.Option(help="Images the platform writes (default: ~30 s of work per core).", min=8)
     ] = None,
     baseline_images: Annotated[
         int | None, typer.Option(help="Images the plain loop renders (default: ~4 s of work).", min=1)
