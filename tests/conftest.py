@@ -77,8 +77,10 @@ def ray_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         str(VENV_BIN / "ray"), "start", "--head", "--block",
         f"--node-ip-address={LOOPBACK}", f"--port={port}",
         # Logical CPUs above the 2 cores: a Tune trial + Train workers + Ray Data readers must fit.
-        # The dashboard serves the State API that Ray Train's placement-group cleaner polls.
-        "--num-cpus=4", "--include-dashboard=true", f"--dashboard-host={LOOPBACK}",
+        # The dashboard serves the State API that Ray Train's placement-group cleaner polls. 8 logical
+        # CPUs: under load that cleaner can miss a trial Tune stopped, leaving its worker group's CPUs
+        # reserved; headroom keeps the next trial from waiting on them forever.
+        "--num-cpus=8", "--include-dashboard=true", f"--dashboard-host={LOOPBACK}",
         f"--dashboard-port={free_port()}", f"--temp-dir={temp_dir}",
         f"--ray-client-server-port={free_port()}",
     ]  # fmt: skip
