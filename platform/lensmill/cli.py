@@ -74,6 +74,10 @@ def run_command(
         print(f"lensmill: error: {exc}", file=sys.stderr)
         emit({"ok": False, "error": str(exc)})
         raise typer.Exit(2) from None
+    except Exception as exc:  # not the user's mistake: keep the traceback for the report, end in JSON
+        logging.getLogger("lensmill").exception("unexpected error (a bug: please report the traceback above)")
+        emit({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+        raise typer.Exit(1) from None
     emit({**out, "wall_s": round(time.perf_counter() - t0, 1)})
 
 
@@ -330,6 +334,23 @@ def bench_train(config: ConfigPath = None, overrides: Overrides = None) -> None:
         return run_train_bench(cfg)
 
     run_command(config, overrides, fn)
+
+
+@app.command()
+def predict(
+    config: ConfigPath = None,
+    overrides: Overrides = None,
+    split: Annotated[str, typer.Option(help="Dataset split to score.")] = "test",
+    dataset_uri: Annotated[str | None, typer.Option(help="Dataset to score (default: the config's).")] = None,
+    out: Annotated[str | None, typer.Option(help="Where to write the Parquet predictions.")] = None,
+    model_dir: Annotated[
+        Path | None, typer.Option(help="Score with a local ensemble folder instead of the MLflow champion.")
+    ] = None,
+) -> None:
+    """Batch-score a dataset split with the champion on Ray Data: Parquet predictions."""
+    from lensmill.scoring import score_dataset
+
+    run_command(config, overrides, lambda cfg: score_dataset(cfg, split, dataset_uri, out, model_dir))
 
 
 @app.command("models")
