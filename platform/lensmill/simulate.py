@@ -1,59 +1,91 @@
-"""The lenstronomy boundary: sample lens-system parameters, render noisy images.
+"""The lenstronomy boundary: sample lens-system parameters, render noisy multi-band images.
 
-A positive (label 1) is an SIE + external-shear lens with an elliptical Sersic lens light and an
-elliptical Sersic source placed inside the caustic region, so that arcs or rings form. A negative
-(label 0) is the same kind of lens galaxy, sampled from the same distributions, with no lensed source.
-Both get the same Gaussian PSF and the same noise model: Poisson noise on the astrophysical counts
-(Gaussian approximation) plus the background (sky + read noise) that lenstronomy's ``SingleBand`` derives.
+A positive (label 1) is an SIE or EPL lens with external shear, one or two Sersic light components
+(bulge + disc/envelope), and a Sersic source (optionally with compact star-forming clumps) placed
+inside the caustic region, so that arcs or rings form. A negative (label 0) is the same kind of lens
+galaxy, drawn from the same distributions, with no lensed source. Both classes draw the same
+companions (unlensed line-of-sight galaxies anywhere in the cutout), the same seeing and the same noise
+model. With ``hard_negatives`` a negative also holds an unlensed interloper near the lens: the source it
+would have had, magnified isotropically by the magnification its arc would have had, so it carries the
+arc's flux and surface brightness with source colours, and total flux does not give the label away.
 
-Images are in lenstronomy's data units, electrons per second per pixel, sky-subtracted, float32 with
-shape (C, H, W), one channel per band. Magnitudes in the parameter dict are in the reference band
-(``REFERENCE_BAND``); the other bands follow from ``SimConfig.lens_colors_mag`` / ``source_colors_mag``.
+Rendering: one band-independent lenstronomy ``ImageModel`` (built once) ray-shoots and evaluates the
+light unconvolved, in reference-band flux units, grouped by colour (lens-coloured, source-coloured,
+lensed source). Each band is then a weighted sum of those groups (colour and zero point) convolved
+with that band's Gaussian PSF exactly as lenstronomy's ``MultiGaussianConvolution`` does
+(``ndimage.gaussian_filter``, mode "nearest", truncation 5 sigma): the same pixels as a per-band
+``ImageModel``, with one ray-shooting per image instead of one per band, and a seeing that can change
+from image to image at no cost. Noise: Poisson on the astrophysical counts (Gaussian approximation)
+plus the sky + read-noise background of lenstronomy's ``SingleBand``.
 
-Everything random comes from the ``numpy.random.Generator`` passed in: lenstronomy's own noise helpers
-draw from numpy's global state, so they are not used. ``row_rng`` seeds one generator per row, so a
-dataset does not depend on how many workers or blocks rendered it.
+Images are in e-/s per pixel, sky-subtracted, float32 (C, H, W), one channel per band. Magnitudes in
+the parameter dict are AB in the reference band (``REFERENCE_BAND``); fluxes in e-/s are in the first
+band of ``SimConfig.bands``.
+
+Everything random comes from the ``numpy.random.Generator`` passed in (lenstronomy's noise helpers use
+numpy's global state, so they are not used). Every distribution costs exactly one uniform draw, and
+both labels draw the same sequence, so the lens, companions, seeing and noise of row k line up between
+a positive and a negative. ``row_rng`` seeds one generator per row, so a dataset does not depend on how
+many workers or blocks rendered it.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import numpy as np
+from lenstronomy.SimulationAPI.observation_api import SingleBand
 from lenstronomy.SimulationAPI.sim_api import SimAPI
+from scipy import ndimage
 
-from lensmill.config import SimConfig
+from lensmill.config import Dist, SimConfig
 
 # Magnitudes and colours are quoted in this band.
 REFERENCE_BAND = "r"
 
 SPLIT_CODE: dict[str, int] = {"train": 0, "val": 1, "test": 2}
 
-# Every key of the parameter dict, in column order. NaN marks "does not apply" (source of a negative).
-PARAM_KEYS: tuple[str, ...] = (
-    "theta_e_arcsec",
-    "lens_x_arcsec",
-    "lens_y_arcsec",
-    "lens_e1",
-    "lens_e2",
-    "gamma1",
-    "gamma2",
-    "lens_mag",
-    "lens_r_sersic_arcsec",
-    "lens_n_sersic",
-    "source_mag",
-    "source_x_arcsec",
-    "source_y_arcsec",
-    "source_offset_frac",
-    "source_e1",
-    "source_e2",
-    "source_r_sersic_arcsec",
-    "source_n_sersic",
-    "magnification",
-    "arc_snr",
-    "lens_flux_e_per_s",
-    "source_flux_e_per_s",
-)
+# Every recorded parameter and its unit, in column order. NaN marks "does not apply" (the source of a
+# negative, the interloper of a positive, the second light component of a one-component lens).
+PARAM_UNITS: dict[str, str] = {
+    "theta_e_arcsec": "arcsec",
+    "lens_x_arcsec": "arcsec",
+    "lens_y_arcsec": "arcsec",
+    "lens_e1": "",
+    "lens_e2": "",
+    "gamma1": "",
+    "gamma2": "",
+    "lens_mag": "mag (AB, r)",
+    "lens_r_sersic_arcsec": "arcsec",
+    "lens_n_sersic": "",
+    "source_mag": "mag (AB, r)",
+    "source_x_arcsec": "arcsec",
+    "source_y_arcsec": "arcsec",
+    "source_offset_frac": "",  # of theta_E
+    "source_e1": "",
+    "source_e2": "",
+    "source_r_sersic_arcsec": "arcsec",
+    "source_n_sersic": "",
+    "magnification": "",
+    "arc_snr": "",
+    "lens_flux_e_per_s": "e-/s",
+    "source_flux_e_per_s": "e-/s",
+    "lens_gamma": "",  # power-law slope, 2 = isothermal
+    "lens2_flux_frac": "",  # share of the lens light in the second component
+    "lens2_r_sersic_arcsec": "arcsec",
+    "lens2_n_sersic": "",
+    "n_source_clumps": "count",
+    "source_clump_flux_frac": "",
+    "n_companions": "count",
+    "companion_flux_e_per_s": "e-/s",
+    "interloper_mag": "mag (AB, r)",
+    "interloper_offset_arcsec": "arcsec",
+    "interloper_r_sersic_arcsec": "arcsec",
+    "interloper_flux_e_per_s": "e-/s",
+    "psf_fwhm_arcsec": "arcsec",  # first band, this image
+}
+PARAM_KEYS: tuple[str, ...] = tuple(PARAM_UNITS)
 
 _SOURCE_KEYS = (
     "source_mag",
@@ -65,7 +97,15 @@ _SOURCE_KEYS = (
     "source_r_sersic_arcsec",
     "source_n_sersic",
     "magnification",
+    "n_source_clumps",
+    "source_clump_flux_frac",
 )
+# lenstronomy's Gaussian PSF: sigma = FWHM / (2 sqrt(2 ln 2)), kernel truncated at 5 sigma.
+_FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
+_PSF_TRUNCATION = 5.0
+# Cap on the interloper's half-light radius: a strongly magnified source would otherwise spread a
+# large part of its flux beyond the cutout, unlike the arc whose flux it copies.
+_MAX_INTERLOPER_R_ARCSEC = 1.5
 
 
 def row_rng(seed: int, split: str, row_id: int) -> np.random.Generator:
@@ -93,11 +133,44 @@ def label_for(row_id: int, positive_fraction: float) -> int:
     return n_positives(row_id + 1, positive_fraction) - n_positives(row_id, positive_fraction)
 
 
-def _ellipticity(rng: np.random.Generator, e_max: float) -> tuple[float, float]:
-    """(e1, e2) with modulus uniform in [0, e_max] and an isotropic orientation."""
-    e = rng.uniform(0.0, e_max)
+def draw(rng: np.random.Generator, dist: Dist) -> float:
+    """One sample of ``dist`` by inverse CDF: always exactly one uniform draw from ``rng``, whatever
+    the kind, so changing one parameter's distribution does not shift the others' random streams."""
+    # rng.random() is k / 2**53; the half step keeps q off 0, where a normal's inverse CDF is -inf.
+    q = rng.random() + 2.0**-54
+    if isinstance(dist, int | float):
+        return float(dist)
+    return dist.quantile(q)
+
+
+def _polar(rng: np.random.Generator, modulus: float) -> tuple[float, float]:
+    """(e1, e2) or (gamma1, gamma2) of the given modulus with an isotropic orientation."""
     phi = rng.uniform(0.0, np.pi)
-    return float(e * np.cos(2 * phi)), float(e * np.sin(2 * phi))
+    return float(modulus * np.cos(2 * phi)), float(modulus * np.sin(2 * phi))
+
+
+def _ref_flux(mag: float) -> float:
+    """Flux in reference units: the reference band at zero point 0 (bands rescale it)."""
+    return 10.0 ** (-0.4 * mag)
+
+
+@dataclass
+class LensSystem:
+    """One drawn image: recorded parameters plus the lenstronomy keyword lists that render it.
+
+    Light amplitudes are in reference units (``_ref_flux``); ``red`` / ``blue`` index the unlensed
+    light components with lens / source colours, ``source_on`` the active source components.
+    """
+
+    label: int
+    params: dict[str, float]
+    kwargs_lens: list[dict[str, float]]
+    kwargs_light: list[dict[str, float]]
+    kwargs_source: list[dict[str, float]]
+    red: list[int] = field(default_factory=list)
+    blue: list[int] = field(default_factory=list)
+    source_on: list[int] = field(default_factory=list)
+    psf_scale: float = 1.0
 
 
 class Simulator:
@@ -105,129 +178,285 @@ class Simulator:
 
     def __init__(self, sim: SimConfig) -> None:
         self.sim = sim
-        self.shape: tuple[int, int, int] = (len(sim.bands), sim.image_size_px, sim.image_size_px)
+        n_bands = len(sim.bands)
+        self.shape: tuple[int, int, int] = (n_bands, sim.image_size_px, sim.image_size_px)
+        observing = [sim.observing[b] for b in sim.bands]
+        singles = [
+            SingleBand(
+                pixel_scale=sim.pixel_scale_arcsec,
+                exposure_time=o.exposure_time_s,
+                magnitude_zero_point=o.magnitude_zero_point,
+                read_noise=o.read_noise_e,
+                ccd_gain=o.ccd_gain,
+                sky_brightness=o.sky_brightness_mag_arcsec2,
+                seeing=o.psf_fwhm_arcsec,
+                num_exposures=o.num_exposures,
+                psf_type="GAUSSIAN",
+                truncation=_PSF_TRUNCATION,
+                data_count_unit="e-",
+            )
+            for o in observing
+        ]
+        # Per band: background sigma (e-/s), total exposure (e-/s -> counts), PSF FWHM, and the factors
+        # that turn reference units into e-/s for lens-coloured and source-coloured light.
+        self._bkg_sigma = np.array([b.background_noise for b in singles])
+        self._exposure_s = np.array([b.exposure_time for b in singles])
+        self._fwhm = np.array([o.psf_fwhm_arcsec for o in observing])
+        zp = np.array([o.magnitude_zero_point for o in observing])
+        self._red_scale = 10.0 ** (-0.4 * (np.array([sim.lens_colors_mag[b] for b in sim.bands]) - zp))
+        self._blue_scale = 10.0 ** (-0.4 * (np.array([sim.source_colors_mag[b] for b in sim.bands]) - zp))
+
+        # Unlensed light components: bulge, [disc], companions, [interloper Sersic + its clumps].
+        interloper = ["SERSIC_ELLIPSE"] + ["GAUSSIAN"] * sim.source_clumps_max if sim.hard_negatives else []
+        light_list = ["SERSIC_ELLIPSE"] * (sim.lens_light_components + sim.n_companions_max) + interloper
         kwargs_model = {
-            "lens_model_list": ["SIE", "SHEAR"],
-            "lens_light_model_list": ["SERSIC_ELLIPSE"],
-            "source_light_model_list": ["SERSIC_ELLIPSE"],
+            # lenstronomy's numba EPL: the same deflections as "EPL" (to 1e-15) at ~4x the speed; its
+            # one-off compilation (~4 s) is cached on disk.
+            "lens_model_list": ["EPL_NUMBA" if sim.lens_mass_model == "EPL" else "SIE", "SHEAR"],
+            "lens_light_model_list": light_list,
+            "source_light_model_list": ["SERSIC_ELLIPSE"] + ["GAUSSIAN"] * sim.source_clumps_max,
         }
-        kwargs_numerics = {"supersampling_factor": sim.supersampling}
-        self._apis: list[SimAPI] = []
-        self._models = []
-        for _band in sim.bands:
-            kwargs_band = {
-                "pixel_scale": sim.pixel_scale_arcsec,
-                "exposure_time": sim.exposure_time_s,
-                "magnitude_zero_point": sim.magnitude_zero_point,
-                "read_noise": sim.read_noise_e,
-                "ccd_gain": sim.ccd_gain,
-                "sky_brightness": sim.sky_brightness_mag_arcsec2,
-                "seeing": sim.psf_fwhm_arcsec,
-                "psf_type": "GAUSSIAN",
-                "data_count_unit": "e-",
-            }
-            api = SimAPI(num_pix=sim.image_size_px, kwargs_single_band=kwargs_band, kwargs_model=kwargs_model)
-            self._apis.append(api)
-            # Rebuilding ImageModel (grids, PSF kernel, numerics) per image makes rendering ~3x slower.
-            self._models.append(api.image_model_class(kwargs_numerics))
-        # Per band: background sigma (e-/s) and the exposure that turns e-/s into Poisson counts.
-        self._bkg_sigma = np.array([api.background_noise for api in self._apis])
-        self._exposure_s = np.array([api.exposure_time for api in self._apis])
-        self._lens_color = np.array([sim.lens_colors_mag[b] for b in sim.bands])
-        self._source_color = np.array([sim.source_colors_mag[b] for b in sim.bands])
+        o = observing[0]
+        kwargs_band = {
+            "pixel_scale": sim.pixel_scale_arcsec,
+            "exposure_time": o.exposure_time_s,
+            "magnitude_zero_point": o.magnitude_zero_point,
+            "read_noise": o.read_noise_e,
+            "ccd_gain": o.ccd_gain,
+            "sky_brightness": o.sky_brightness_mag_arcsec2,
+            "psf_type": "NONE",  # convolution happens per band, below
+            "data_count_unit": "e-",
+        }
+        api = SimAPI(num_pix=sim.image_size_px, kwargs_single_band=kwargs_band, kwargs_model=kwargs_model)
+        # Rebuilding ImageModel (grids, numerics) per image makes rendering ~3x slower.
+        self._model = api.image_model_class({"supersampling_factor": sim.supersampling})
+        # Sersic normalisation with the conventions of the model's own profiles.
+        self._sersic_profile = self._model.LensLightModel.func_list[0]
 
     # -- sampling --------------------------------------------------------------------------------
-    def sample_params(self, rng: np.random.Generator, label: int) -> dict[str, float]:
-        """Draw every physical parameter. The source is drawn for negatives too (then NaN'd), so the
-        random stream, and hence the lens and noise draws, line up between labels."""
-        s = self.sim
-        p: dict[str, float] = {}
-        p["theta_e_arcsec"] = rng.uniform(s.theta_e_arcsec.min, s.theta_e_arcsec.max)
-        p["lens_x_arcsec"] = rng.uniform(-s.lens_center_max_arcsec, s.lens_center_max_arcsec)
-        p["lens_y_arcsec"] = rng.uniform(-s.lens_center_max_arcsec, s.lens_center_max_arcsec)
-        p["lens_e1"], p["lens_e2"] = _ellipticity(rng, s.lens_e_max)
-        p["gamma1"], p["gamma2"] = _ellipticity(rng, s.shear_max)
-        p["lens_mag"] = rng.uniform(s.lens_mag.min, s.lens_mag.max)
-        p["lens_r_sersic_arcsec"] = rng.uniform(s.lens_r_sersic_arcsec.min, s.lens_r_sersic_arcsec.max)
-        p["lens_n_sersic"] = rng.uniform(s.lens_n_sersic.min, s.lens_n_sersic.max)
+    def _sersic(
+        self, flux: float, r: float, n: float, e1: float, e2: float, x: float, y: float
+    ) -> dict[str, float]:
+        """lenstronomy SERSIC_ELLIPSE kwargs whose total flux is ``flux`` (reference units)."""
+        norm = self._sersic_profile.total_flux(amp=1.0, R_sersic=r, n_sersic=n, e1=e1, e2=e2)
+        return {
+            "amp": flux / norm,
+            "R_sersic": r,
+            "n_sersic": n,
+            "e1": e1,
+            "e2": e2,
+            "center_x": x,
+            "center_y": y,
+        }
 
-        p["source_mag"] = rng.uniform(s.source_mag.min, s.source_mag.max)
-        # Uniform over the disc of radius frac_max * theta_E around the lens centre: inside the SIE's
-        # multiple-imaging region (radial caustic ~ theta_E), so the source forms arcs or rings.
-        frac = s.source_offset_max_frac * math.sqrt(rng.uniform())
-        phi = rng.uniform(0.0, 2 * np.pi)
-        p["source_offset_frac"] = frac
-        p["source_x_arcsec"] = p["lens_x_arcsec"] + frac * p["theta_e_arcsec"] * math.cos(phi)
-        p["source_y_arcsec"] = p["lens_y_arcsec"] + frac * p["theta_e_arcsec"] * math.sin(phi)
-        p["source_e1"], p["source_e2"] = _ellipticity(rng, s.source_e_max)
-        p["source_r_sersic_arcsec"] = rng.uniform(s.source_r_sersic_arcsec.min, s.source_r_sersic_arcsec.max)
-        p["source_n_sersic"] = rng.uniform(s.source_n_sersic.min, s.source_n_sersic.max)
-        p["magnification"] = math.nan
+    def sample(self, rng: np.random.Generator, label: int) -> LensSystem:
+        """Draw one lens system. Both labels make the same draws (the source of a negative is drawn,
+        used for its interloper if any, and NaN'd in the record), so the random streams line up."""
+        p: dict[str, float] = dict.fromkeys(PARAM_KEYS, math.nan)
+        kwargs_lens, light = self._sample_lens(rng, p)
+        red = list(range(len(light)))
+        blue: list[int] = []
+        self._sample_companions(rng, p, light, red, blue)
+        kwargs_source, clumps = self._sample_source(rng, p)
+        source_on = list(range(1 + int(p["n_source_clumps"])))
+        s = self.sim
+        if s.hard_negatives:
+            offset = draw(rng, s.interloper_offset_frac) * p["theta_e_arcsec"]
+            angle = float(rng.uniform(0.0, 2 * np.pi))
+        psf_scale = draw(rng, s.psf_fwhm_scale)
+        p["psf_fwhm_arcsec"] = float(self._fwhm[0]) * psf_scale
+        system = LensSystem(label, p, kwargs_lens, light, kwargs_source, red, blue, source_on, psf_scale)
+        if s.hard_negatives:
+            self._add_interloper(system, offset, angle, clumps, show=not label)
         if not label:
             for key in _SOURCE_KEYS:
                 p[key] = math.nan
-        return {k: float(v) for k, v in p.items()}
+        return system
+
+    def _sample_lens(
+        self, rng: np.random.Generator, p: dict[str, float]
+    ) -> tuple[list[dict[str, float]], list[dict[str, float]]]:
+        """Mass (SIE/EPL + shear) and light (one or two Sersics that follow the mass)."""
+        s = self.sim
+        theta_e = p["theta_e_arcsec"] = draw(rng, s.theta_e_arcsec)
+        lx = p["lens_x_arcsec"] = float(rng.uniform(-s.lens_center_max_arcsec, s.lens_center_max_arcsec))
+        ly = p["lens_y_arcsec"] = float(rng.uniform(-s.lens_center_max_arcsec, s.lens_center_max_arcsec))
+        e1, e2 = p["lens_e1"], p["lens_e2"] = _polar(rng, draw(rng, s.lens_ellipticity))
+        p["lens_gamma"] = draw(rng, s.lens_gamma)
+        p["gamma1"], p["gamma2"] = _polar(rng, draw(rng, s.shear_strength))
+        mass = {"theta_E": theta_e, "e1": e1, "e2": e2, "center_x": lx, "center_y": ly}
+        if s.lens_mass_model == "EPL":
+            mass["gamma"] = p["lens_gamma"]
+        kwargs_lens = [mass, {"gamma1": p["gamma1"], "gamma2": p["gamma2"], "ra_0": lx, "dec_0": ly}]
+
+        p["lens_mag"] = draw(rng, s.lens_mag)
+        p["lens_r_sersic_arcsec"] = draw(rng, s.lens_r_sersic_arcsec)
+        p["lens_n_sersic"] = draw(rng, s.lens_n_sersic)
+        lens_flux = _ref_flux(p["lens_mag"])
+        parts = [(1.0, p["lens_r_sersic_arcsec"], p["lens_n_sersic"])]
+        if s.lens_light_components == 2:
+            f2 = p["lens2_flux_frac"] = draw(rng, s.lens2_flux_frac)
+            r2 = p["lens2_r_sersic_arcsec"] = draw(rng, s.lens2_r_sersic_arcsec)
+            n2 = p["lens2_n_sersic"] = draw(rng, s.lens2_n_sersic)
+            parts = [(1.0 - f2, parts[0][1], parts[0][2]), (f2, r2, n2)]
+        light = [self._sersic(frac * lens_flux, r, n, e1, e2, lx, ly) for frac, r, n in parts]
+        p["lens_flux_e_per_s"] = lens_flux * float(self._red_scale[0])
+        return kwargs_lens, light
+
+    def _sample_companions(
+        self,
+        rng: np.random.Generator,
+        p: dict[str, float],
+        light: list[dict[str, float]],
+        red: list[int],
+        blue: list[int],
+    ) -> None:
+        """0..n_companions_max unlensed galaxies anywhere in the cutout, lens- or source-coloured.
+        Every slot is drawn (a fixed stream length); the first n are shown."""
+        s = self.sim
+        n_comp = int(rng.integers(0, s.n_companions_max + 1)) if s.n_companions_max else 0
+        half = s.image_size_px * s.pixel_scale_arcsec / 2
+        flux_first_band = 0.0
+        for i in range(s.n_companions_max):
+            cx, cy = (float(v) for v in rng.uniform(-half, half, size=2))
+            flux = _ref_flux(draw(rng, s.companion_mag))
+            r = draw(rng, s.companion_r_sersic_arcsec)
+            n = draw(rng, s.companion_n_sersic)
+            ce1, ce2 = _polar(rng, draw(rng, s.companion_ellipticity))
+            is_red = bool(rng.random() < s.companion_red_fraction)
+            shown = i < n_comp
+            light.append(self._sersic(flux if shown else 0.0, r, n, ce1, ce2, cx, cy))
+            if shown:
+                (red if is_red else blue).append(len(light) - 1)
+                flux_first_band += flux * float((self._red_scale if is_red else self._blue_scale)[0])
+        p["n_companions"] = float(n_comp)
+        p["companion_flux_e_per_s"] = flux_first_band
+
+    def _sample_source(
+        self, rng: np.random.Generator, p: dict[str, float]
+    ) -> tuple[list[dict[str, float]], list[tuple[float, float, float, float]]]:
+        """Sersic source + 0..source_clumps_max Gaussian clumps; returns the source components and
+        the clumps as (dx, dy, sigma, flux) relative to the source centre (every slot drawn)."""
+        s = self.sim
+        theta_e, lx, ly = p["theta_e_arcsec"], p["lens_x_arcsec"], p["lens_y_arcsec"]
+        p["source_mag"] = draw(rng, s.source_mag)
+        src_flux = _ref_flux(p["source_mag"])
+        # Uniform over the disc of radius frac_max * theta_E around the lens centre: inside the
+        # multiple-imaging region (radial caustic ~ theta_E), so the source forms arcs or rings.
+        frac = p["source_offset_frac"] = s.source_offset_max_frac * math.sqrt(rng.random())
+        phi = rng.uniform(0.0, 2 * np.pi)
+        sx = p["source_x_arcsec"] = lx + frac * theta_e * math.cos(phi)
+        sy = p["source_y_arcsec"] = ly + frac * theta_e * math.sin(phi)
+        se1, se2 = p["source_e1"], p["source_e2"] = _polar(rng, draw(rng, s.source_ellipticity))
+        sr = p["source_r_sersic_arcsec"] = draw(rng, s.source_r_sersic_arcsec)
+        sn = p["source_n_sersic"] = draw(rng, s.source_n_sersic)
+
+        n_clumps = int(rng.integers(0, s.source_clumps_max + 1)) if s.source_clumps_max else 0
+        clump_frac = draw(rng, s.source_clump_flux_frac) if s.source_clumps_max else 0.0
+        slots = []
+        for _ in range(s.source_clumps_max):
+            dx, dy = (float(v) for v in rng.standard_normal(2) * s.source_clump_spread * sr)
+            slots.append((dx, dy, draw(rng, s.source_clump_sigma_arcsec), float(rng.random()) + 1e-3))
+        clump_frac = clump_frac if n_clumps else 0.0
+        weights = sum(w for *_, w in slots[:n_clumps])
+        clumps = [
+            (dx, dy, sigma, clump_frac * src_flux * w / weights if i < n_clumps else 0.0)
+            for i, (dx, dy, sigma, w) in enumerate(slots)
+        ]
+        p["n_source_clumps"] = float(n_clumps)
+        p["source_clump_flux_frac"] = clump_frac
+        source = [self._sersic((1.0 - clump_frac) * src_flux, sr, sn, se1, se2, sx, sy)]
+        source += [
+            {"amp": f, "sigma": sigma, "center_x": sx + dx, "center_y": sy + dy}
+            for dx, dy, sigma, f in clumps
+        ]
+        return source, clumps
+
+    def _add_interloper(
+        self,
+        system: LensSystem,
+        offset: float,
+        angle: float,
+        clumps: list[tuple[float, float, float, float]],
+        show: bool,
+    ) -> None:
+        """The hard negative's interloper: the drawn source, unlensed, scaled up isotropically by the
+        magnification its arc would have had (flux x mu, sizes x sqrt(mu): surface brightness is
+        conserved, as in lensing), ``offset`` arcsec from the lens centre. A positive gets the same
+        components dark (``show=False``), so both labels have the same component list."""
+        p = system.params
+        src_flux = _ref_flux(p["source_mag"])
+        mu = 1.0
+        if show:
+            arc = self._model.source_surface_brightness(
+                system.kwargs_source, system.kwargs_lens, unconvolved=True, k=system.source_on
+            )
+            mu = max(float(arc.sum()) / src_flux, 1e-3)
+        sr = p["source_r_sersic_arcsec"]
+        scale = min(math.sqrt(mu), _MAX_INTERLOPER_R_ARCSEC / sr)
+        ix = p["lens_x_arcsec"] + offset * math.cos(angle)
+        iy = p["lens_y_arcsec"] + offset * math.sin(angle)
+        src = system.kwargs_source[0]
+        flux = (1.0 - p["source_clump_flux_frac"]) * src_flux * mu if show else 0.0
+        light = system.kwargs_light
+        first = len(light)
+        light.append(self._sersic(flux, sr * scale, src["n_sersic"], src["e1"], src["e2"], ix, iy))
+        for dx, dy, sigma, f in clumps:
+            amp = f * mu if show else 0.0
+            light.append(
+                {"amp": amp, "sigma": sigma * scale, "center_x": ix + dx * scale, "center_y": iy + dy * scale}
+            )
+        if not show:
+            return
+        # The Sersic and the clumps the source shows, in source colours.
+        system.blue += [first] + [first + 1 + i for i in range(int(p["n_source_clumps"]))]
+        p["interloper_mag"] = p["source_mag"] - 2.5 * math.log10(mu)
+        p["interloper_offset_arcsec"] = offset
+        p["interloper_r_sersic_arcsec"] = sr * scale
+        p["interloper_flux_e_per_s"] = src_flux * mu * float(self._blue_scale[0])
+
+    def sample_params(self, rng: np.random.Generator, label: int) -> dict[str, float]:
+        """The recorded parameters of one draw (NaN where a key does not apply; fluxes and S/N, which
+        need the rendered image, are filled in by ``render``)."""
+        return self.sample(rng, label).params
 
     # -- rendering -------------------------------------------------------------------------------
-    def render_components(self, params: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:
-        """Noise-free (lens light, lensed source) images, each float64 (C, H, W) in e-/s per pixel.
+    def render_components(self, system: LensSystem) -> tuple[np.ndarray, np.ndarray]:
+        """Noise-free (unlensed light, lensed source) images, each float64 (C, H, W) in e-/s per pixel.
 
-        The source image is all zeros when ``params['source_mag']`` is NaN (a negative).
+        Unlensed light is the lens galaxy, the companions and any interloper; the source image is all
+        zeros for a negative.
         """
-        p = params
-        kwargs_lens = [
-            {
-                "theta_E": p["theta_e_arcsec"],
-                "e1": p["lens_e1"],
-                "e2": p["lens_e2"],
-                "center_x": p["lens_x_arcsec"],
-                "center_y": p["lens_y_arcsec"],
-            },
-            {
-                "gamma1": p["gamma1"],
-                "gamma2": p["gamma2"],
-                "ra_0": p["lens_x_arcsec"],
-                "dec_0": p["lens_y_arcsec"],
-            },
-        ]
-        has_source = not math.isnan(p["source_mag"])
-        lens = np.zeros(self.shape)
-        source = np.zeros(self.shape)
-        for c, (api, model) in enumerate(zip(self._apis, self._models, strict=True)):
-            # Light follows mass: the lens light shares the SIE's centre and ellipticity.
-            lens_light_mag = [
-                {
-                    "magnitude": p["lens_mag"] + self._lens_color[c],
-                    "R_sersic": p["lens_r_sersic_arcsec"],
-                    "n_sersic": p["lens_n_sersic"],
-                    "e1": p["lens_e1"],
-                    "e2": p["lens_e2"],
-                    "center_x": p["lens_x_arcsec"],
-                    "center_y": p["lens_y_arcsec"],
-                }
-            ]
-            source_mag = None
-            if has_source:
-                source_mag = [
-                    {
-                        "magnitude": p["source_mag"] + self._source_color[c],
-                        "R_sersic": p["source_r_sersic_arcsec"],
-                        "n_sersic": p["source_n_sersic"],
-                        "e1": p["source_e1"],
-                        "e2": p["source_e2"],
-                        "center_x": p["source_x_arcsec"],
-                        "center_y": p["source_y_arcsec"],
-                    }
-                ]
-            kwargs_lens_light, kwargs_source, _ = api.magnitude2amplitude(lens_light_mag, source_mag)
-            lens[c] = model.image(
-                kwargs_lens=kwargs_lens, kwargs_lens_light=kwargs_lens_light, source_add=False
+        m = self._model
+        red = m.lens_surface_brightness(system.kwargs_light, unconvolved=True, k=system.red)
+        blue = (
+            m.lens_surface_brightness(system.kwargs_light, unconvolved=True, k=system.blue)
+            if system.blue
+            else None
+        )
+        arc = (
+            m.source_surface_brightness(
+                system.kwargs_source, system.kwargs_lens, unconvolved=True, k=system.source_on
             )
-            if has_source:
-                source[c] = model.image(
-                    kwargs_lens=kwargs_lens, kwargs_source=kwargs_source, lens_light_add=False
-                )
+            if system.label
+            else None
+        )
+        sigma_px = self._fwhm * system.psf_scale * _FWHM_TO_SIGMA / self.sim.pixel_scale_arcsec
+        lens = np.empty(self.shape)
+        source = np.zeros(self.shape)
+        for c in range(self.shape[0]):
+            unlensed = red * self._red_scale[c]
+            if blue is not None:
+                unlensed = unlensed + blue * self._blue_scale[c]
+            lens[c] = self._convolve(unlensed, sigma_px[c])
+            if arc is not None:
+                source[c] = self._convolve(arc * self._blue_scale[c], sigma_px[c])
         return lens, source
+
+    @staticmethod
+    def _convolve(image: np.ndarray, sigma_px: float) -> np.ndarray:
+        """lenstronomy's Gaussian PSF convolution at pixel scale (``MultiGaussianConvolution``)."""
+        return ndimage.gaussian_filter(image, sigma_px, mode="nearest", truncate=_PSF_TRUNCATION)
 
     def variance(self, model: np.ndarray) -> np.ndarray:
         """Expected per-pixel variance of a noisy image of ``model``, in (e-/s)^2: Poisson variance
@@ -235,14 +464,17 @@ class Simulator:
         t = self._exposure_s[:, None, None]
         return self._bkg_sigma[:, None, None] ** 2 + np.clip(model, 0.0, None) / t
 
-    def add_noise(self, rng: np.random.Generator, model: np.ndarray) -> np.ndarray:
+    def add_noise(
+        self, rng: np.random.Generator, model: np.ndarray, variance: np.ndarray | None = None
+    ) -> np.ndarray:
         """Model + one Gaussian draw with the Poisson + sky + read-noise variance, sky subtracted.
 
         The Poisson part is the Gaussian approximation lenstronomy itself uses (``flux_noise``): it is
-        accurate here, where every pixel holds ~10^4 sky counts at the default depth, and one
-        normal draw costs a fifth of ``rng.poisson`` on top of it (a quarter of a render).
+        accurate here, where every pixel holds many sky counts, and one normal draw costs a fifth of
+        ``rng.poisson`` on top of it.
         """
-        return model + rng.standard_normal(model.shape) * np.sqrt(self.variance(model))
+        var = self.variance(model) if variance is None else variance
+        return model + rng.standard_normal(model.shape) * np.sqrt(var)
 
     def render(
         self, rng: np.random.Generator, label: int, *, noise: bool = True
@@ -252,16 +484,18 @@ class Simulator:
         ``noise=False`` returns the noise-free model (for previews and tests); the parameters and
         their random draws are the same either way.
         """
-        params = self.sample_params(rng, label)
-        lens, source = self.render_components(params)
+        system = self.sample(rng, label)
+        lens, source = self.render_components(system)
         model = lens + source
-        params["lens_flux_e_per_s"] = float(lens[0].sum())
-        params["source_flux_e_per_s"] = float(source[0].sum())
+        var = self.variance(model)
+        p = system.params
         if label:
-            unlensed = self._apis[0].magnitude2cps(params["source_mag"] + self._source_color[0])
-            params["magnification"] = float(source[0].sum() / unlensed)
-            params["arc_snr"] = float(np.sqrt(np.sum(source**2 / self.variance(model))))
+            arc_flux = float(source[0].sum())
+            p["source_flux_e_per_s"] = arc_flux
+            p["magnification"] = arc_flux / (_ref_flux(p["source_mag"]) * float(self._blue_scale[0]))
+            p["arc_snr"] = float(np.sqrt(np.sum(source**2 / var)))
         else:
-            params["arc_snr"] = 0.0
-        image = self.add_noise(rng, model) if noise else model
-        return image.astype(np.float32), {k: params[k] for k in PARAM_KEYS}
+            p["source_flux_e_per_s"] = 0.0
+            p["arc_snr"] = 0.0
+        image = self.add_noise(rng, model, var) if noise else model
+        return image.astype(np.float32), {k: float(p[k]) for k in PARAM_KEYS}
