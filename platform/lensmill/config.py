@@ -48,6 +48,9 @@ class StorageConfig(_Frozen):
     # S3-compatible endpoint (MinIO, moto, ...); None means AWS itself.
     s3_endpoint_url: str | None = None
     s3_region: str = "us-east-1"
+    # Per connection attempt, and attempts per request (AWS's standard retry strategy).
+    s3_connect_timeout_s: float = Field(5.0, gt=0)
+    s3_max_attempts: int = Field(3, ge=1)
 
     @field_validator("root")
     @classmethod
@@ -56,15 +59,14 @@ class StorageConfig(_Frozen):
         return _absolute_local(root)
 
 
-class Uniform(_Frozen):
-    """Uniform on [min, max]. ``{min: a, max: b}`` without ``dist`` means this (older configs)."""
+class _Interval(_Frozen):
+    """A distribution on [min, max]."""
 
-    dist: Literal["uniform"] = "uniform"
     min: float
     max: float
 
     @model_validator(mode="after")
-    def _ordered(self) -> Uniform:
+    def _ordered(self) -> _Interval:
         if self.min > self.max:
             raise ValueError(f"min ({self.min}) must not exceed max ({self.max})")
         return self
@@ -72,6 +74,12 @@ class Uniform(_Frozen):
     @property
     def support(self) -> tuple[float, float]:
         return self.min, self.max
+
+
+class Uniform(_Interval):
+    """Uniform on [min, max]. ``{min: a, max: b}`` without ``dist`` means this (older configs)."""
+
+    dist: Literal["uniform"] = "uniform"
 
     def quantile(self, q: float) -> float:
         """Inverse CDF at ``q`` in (0, 1)."""
@@ -134,22 +142,11 @@ class Normal(_Frozen):
         return min(max(self.mean + self.std * z, lo), hi)
 
 
-class LogUniform(_Frozen):
+class LogUniform(_Interval):
     """Uniform in log between min > 0 and max (scale-free quantities: sizes, fluxes)."""
 
     dist: Literal["loguniform"]
     min: float = Field(gt=0)
-    max: float
-
-    @model_validator(mode="after")
-    def _ordered(self) -> LogUniform:
-        if self.min > self.max:
-            raise ValueError(f"min ({self.min}) must not exceed max ({self.max})")
-        return self
-
-    @property
-    def support(self) -> tuple[float, float]:
-        return self.min, self.max
 
     def quantile(self, q: float) -> float:
         return self.min * (self.max / self.min) ** q
@@ -603,11 +600,17 @@ def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid config ({source}):"]
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
-        msg = e["msg"]
+        loc = [str(p) for p in e["loc"]]
+        msg = e["msg"].removeprefix("Value error, ")
+        given = e.get("input")
+        # A section's cross-field check names its field first ("lens_gamma: ..."): put it in the path.
+        field, sep, rest = msg.partition(": ")
+        if sep and isinstance(given, dict) and field in given:
+            loc, msg, given = [*loc, field], rest, given[field]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
-        lines.append(f"  {loc}: {msg}" + (f" (got {e['input']!r})" if e["type"] != "extra_forbidden" else ""))
+        show = e["type"] != "extra_forbidden" and not isinstance(given, dict)
+        lines.append(f"  {'.'.join(loc) or '<root>'}: {msg}" + (f" (got {given!r})" if show else ""))
     return "\n".join(lines)
 
 

@@ -229,6 +229,10 @@ def expected_calibration_error(labels: Any, probs: Any, n_bins: int = 15) -> flo
 # -- uncertainty and completeness -------------------------------------------------------------------
 
 
+# Bologna challenge metrics: TPR with at most this many false positives (TPR0, TPR10).
+_TPR_FP: dict[str, int] = {"tpr0": 0, "tpr10": 9}
+
+
 def _auc_from_ranks(y: np.ndarray, p: np.ndarray) -> np.ndarray:
     """ROC AUC per row of (B, N) label/score matrices (Mann-Whitney U with mid-ranks for ties);
     NaN for rows holding a single class."""
@@ -242,14 +246,29 @@ def _auc_from_ranks(y: np.ndarray, p: np.ndarray) -> np.ndarray:
         return np.where((n_pos > 0) & (n_neg > 0), u / (n_pos * n_neg), np.nan)
 
 
+def _tpr_at_max_fp_rows(y: np.ndarray, p: np.ndarray, m: int) -> np.ndarray:
+    """``tpr_at_max_fp`` per row of (B, N) label/score matrices; NaN for rows without lenses."""
+    neg = np.where(y == 0, p, -np.inf)  # (B, N): lenses pushed below every non-lens score
+    n_neg = (y == 0).sum(axis=1)
+    n_pos = (y == 1).sum(axis=1)
+    # The (m+1)-th highest non-lens score per row: the lowest threshold with at most m false positives.
+    kth = -np.partition(-neg, m, axis=1)[:, m] if neg.shape[1] > m else np.full(len(y), -np.inf)
+    above = ((y == 1) & (p > kth[:, None])).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tpr = np.where(n_pos > 0, above / n_pos, np.nan)
+    return np.where(n_neg <= m, np.where(n_pos > 0, 1.0, np.nan), tpr)
+
+
 def bootstrap_intervals(
     labels: Any, probs: Any, threshold: float = 0.5, n_samples: int = 1000, seed: int = 0, level: float = 0.95
 ) -> dict[str, Any]:
-    """Percentile bootstrap intervals for ROC AUC and accuracy (resampling objects with replacement).
+    """Percentile bootstrap intervals for ROC AUC, accuracy, TPR0 and TPR10 (resampling objects
+    with replacement).
 
-    Returns ``{"roc_auc": {"estimate", "low", "high"}, "accuracy": {...}, "n_samples", "level",
-    "seed"}``. Resamples holding a single class are left out of the AUC interval. Seeded: the same
-    inputs give the same interval. ``n_samples = 0`` gives the estimates with ``None`` bounds.
+    Returns ``{"roc_auc": {"estimate", "low", "high"}, "accuracy": {...}, "tpr0": {...},
+    "tpr10": {...}, "n_samples", "level", "seed"}``. Resamples holding a single class are left out
+    of the AUC and TPR intervals. Seeded: the same inputs give the same interval. ``n_samples = 0``
+    gives the estimates with ``None`` bounds.
     """
     y, p = _check_arrays(labels, probs)
     if not 0.0 < level < 1.0:
@@ -260,6 +279,10 @@ def bootstrap_intervals(
     out: dict[str, Any] = {
         "roc_auc": {"estimate": auc_hat, "low": None, "high": None},
         "accuracy": {"estimate": float(correct.mean()), "low": None, "high": None},
+        **{
+            name: {"estimate": tpr_at_max_fp(y, p, m), "low": None, "high": None}
+            for name, m in _TPR_FP.items()
+        },
         "n_samples": int(n_samples),
         "level": float(level),
         "seed": int(seed),
@@ -269,19 +292,21 @@ def bootstrap_intervals(
     rng = np.random.default_rng(seed)
     n = y.size
     chunk = max(1, 2_000_000 // n)  # resamples per step: bounded (chunk, N) matrices
-    aucs, accs = [], []
+    samples: dict[str, list[np.ndarray]] = {name: [] for name in ("roc_auc", "accuracy", *_TPR_FP)}
     for start in range(0, int(n_samples), chunk):
         idx = rng.integers(0, n, size=(min(chunk, int(n_samples) - start), n))  # (B, N)
-        aucs.append(_auc_from_ranks(y[idx].astype(np.float64), p[idx]))
-        accs.append(correct[idx].mean(axis=1))
+        yb, pb = y[idx].astype(np.float64), p[idx]
+        samples["roc_auc"].append(_auc_from_ranks(yb, pb))
+        samples["accuracy"].append(correct[idx].mean(axis=1))
+        for name, m in _TPR_FP.items():
+            samples[name].append(_tpr_at_max_fp_rows(yb, pb, m))
     q = [100 * (1 - level) / 2, 100 * (1 + level) / 2]
-    auc_s = np.concatenate(aucs)
-    auc_s = auc_s[np.isfinite(auc_s)]
-    if auc_s.size:
-        lo, hi = np.percentile(auc_s, q)
-        out["roc_auc"].update(low=float(lo), high=float(hi))
-    lo, hi = np.percentile(np.concatenate(accs), q)
-    out["accuracy"].update(low=float(lo), high=float(hi))
+    for name, parts in samples.items():
+        values = np.concatenate(parts)
+        values = values[np.isfinite(values)]  # resamples holding a single class
+        if values.size:
+            lo, hi = np.percentile(values, q)
+            out[name].update(low=float(lo), high=float(hi))
     return out
 
 
@@ -472,7 +497,9 @@ def plot_reliability(labels: np.ndarray, curves: dict[str, np.ndarray], path: Pa
     return _save(fig, path)
 
 
-def plot_completeness(table: list[dict[str, Any]], path: Path, xlabel: str, title: str = "") -> Path:
+def plot_completeness(
+    table: list[dict[str, Any]], path: Path, xlabel: str, title: str = "", threshold: float | None = None
+) -> Path:
     """Completeness per bin (Wilson 95% error bars, bin widths as horizontal bars) to a PNG."""
     fig = _new_figure(5.5, 4.0)
     ax = fig.add_subplot()
@@ -493,7 +520,8 @@ def plot_completeness(table: list[dict[str, Any]], path: Path, xlabel: str, titl
     else:
         ax.text(0.5, 0.5, "no lenses with this property", ha="center", va="center", transform=ax.transAxes)
     ax.set(ylim=(0, 1.05), xlabel=xlabel, ylabel="Completeness (lenses found)")
-    ax.set_title(title or f"Completeness against {xlabel} (grey: lenses per bin)")
+    at = f" at p ≥ {threshold:g}" if threshold is not None else ""
+    ax.set_title(title or f"Completeness{at} (grey: lenses per bin)")
     ax.grid(alpha=0.3)
     return _save(fig, path)
 
@@ -550,7 +578,8 @@ def write_report(
     ]
     for column, table_rows in metrics.get("completeness", {}).items():
         xlabel = COMPLETENESS_COLUMNS.get(column, column)
-        paths.append(plot_completeness(table_rows, out_dir / f"completeness_{column}.png", xlabel))
+        path = out_dir / f"completeness_{column}.png"
+        paths.append(plot_completeness(table_rows, path, xlabel, threshold=metrics["threshold"]))
     return paths
 
 
@@ -583,6 +612,8 @@ def evaluation_metrics(
         "bootstrap": boot,
         "roc_auc_ci95": [boot["roc_auc"]["low"], boot["roc_auc"]["high"]],
         "accuracy_ci95": [boot["accuracy"]["low"], boot["accuracy"]["high"]],
+        "tpr0_ci95": [boot["tpr0"]["low"], boot["tpr0"]["high"]],
+        "tpr10_ci95": [boot["tpr10"]["low"], boot["tpr10"]["high"]],
         "completeness": {
             column: completeness_table(labels, p_lens, values, threshold, settings.completeness_bins)
             for column, values in params.items()
@@ -594,7 +625,7 @@ def evaluation_metrics(
 def _mlflow_scalars(metrics: dict[str, Any]) -> dict[str, float]:
     """The numbers worth a metric in MLflow: top-level scalars and the interval bounds."""
     out = {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-    for name in ("roc_auc", "accuracy"):
+    for name in ("roc_auc", "accuracy", *_TPR_FP):
         for bound in ("low", "high"):
             value = metrics["bootstrap"][name][bound]
             if value is not None:

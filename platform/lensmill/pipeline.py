@@ -22,6 +22,9 @@ from lensmill.tune import tune_architectures
 
 log = logging.getLogger("lensmill")
 
+# What the summary tells of each tune trial.
+_TRIAL_KEYS = ("model", "lr", "run_name", "val_auc", "epochs_run", "stopped_early", "usable", "error")
+
 
 def pick_queries(labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
     """Indices of ``n`` test images, half lenses and half non-lenses where possible."""
@@ -74,10 +77,7 @@ def run_pipeline(cfg: Config, n_queries: int = 8, keep_serving: bool = False) ->
         "dataset_uri": ens["dataset_uri"],
         "dataset_id": manifest["dataset_id"],
         "n_images": sum(s["rows"] for s in manifest["splits"].values()),
-        "trials": [
-            {k: t[k] for k in ("model", "lr", "val_auc", "stopped_early", "usable", "error") if k in t}
-            for t in tuned["trials"]
-        ],
+        "trials": [{k: t[k] for k in _TRIAL_KEYS if k in t} for t in tuned["trials"]],
         "members": [{"model": m["model"], "lr": m["lr"], "val_auc": m["val_auc"]} for m in ens["members"]],
         "ensemble_weights": ens["ensemble_weights"],
         "ensemble_val_auc": ens["val_auc"],

@@ -247,18 +247,19 @@ def _py(value: Any) -> Any:
 # -- the dataset --------------------------------------------------------------------------------
 
 
-def _pool_size(n_tasks: int) -> int:
+def _pool_size(n_tasks: int, max_actors: int | None = None) -> int:
     import ray
 
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    return max(1, min(n_tasks, cpus))
+    return max(1, min(n_tasks, cpus, max_actors or cpus))
 
 
-def write_shards(cfg: Config) -> dict[str, Any]:
+def write_shards(cfg: Config, max_actors: int | None = None) -> dict[str, Any]:
     """Render the dataset of ``cfg`` with Ray Data (Ray must be initialised); its manifest.
 
     Resumable: an existing manifest is returned as is; otherwise intact shards are kept and only the
-    missing ones are rendered. The manifest is written last.
+    missing ones are rendered. The manifest is written last. ``max_actors`` caps the actor pool
+    (default: one actor per cluster CPU); the bytes written do not depend on it.
     """
     import ray
 
@@ -289,7 +290,7 @@ def write_shards(cfg: Config) -> dict[str, Any]:
             "dataset_id": dataset_id,
         },
         batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=_pool_size(max(1, todo))),
+        compute=ray.data.ActorPoolStrategy(size=_pool_size(max(1, todo), max_actors)),
         num_cpus=1,
     )
     rows = [{k: _py(v) for k, v in row.items()} for row in ds.take_all()]

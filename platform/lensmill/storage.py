@@ -53,7 +53,12 @@ class Location:
 
 def filesystem_for(uri: str, storage: StorageConfig) -> pafs.FileSystem:
     if is_s3(uri):
-        kwargs: dict[str, Any] = {"region": storage.s3_region}
+        kwargs: dict[str, Any] = {
+            "region": storage.s3_region,
+            # An unreachable endpoint fails in seconds with an error naming the URI, not minutes later.
+            "connect_timeout": storage.s3_connect_timeout_s,
+            "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=storage.s3_max_attempts),
+        }
         if storage.s3_endpoint_url:
             scheme, _, host = storage.s3_endpoint_url.partition("://")
             kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")

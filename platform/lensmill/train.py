@@ -145,6 +145,31 @@ def dihedral_augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tenso
     return out
 
 
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    device: torch.device,
+    generator: torch.Generator | None,
+) -> float:
+    """One optimizer step on a batch: (B, C, H, W) images, (B,) labels; the batch's mean loss.
+
+    ``generator``: dihedral augmentation with it (None = none). bf16 autocast on CUDA; the loss and
+    its gradient in float32. Reading the loss back is a device sync on GPU, paid once per step.
+    """
+    if generator is not None:
+        x = dihedral_augment(x, generator)
+    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        logits = model(x)
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return float(loss.item())
+
+
 def _roc_auc(labels: np.ndarray, probs: np.ndarray) -> float:
     from sklearn.metrics import roc_auc_score
 
@@ -272,7 +297,6 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
     model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
-    use_bf16 = device.type == "cuda"
     generator = torch.Generator().manual_seed(config["seed"] * 1000 + rank)
     batch_size, cache = config["batch_size"], config.get("cache_in_memory", False)
     train_data = ShardBatches(
@@ -280,7 +304,6 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         config["shuffle_buffer_rows"], seed=config["seed"] + rank,
     )  # fmt: skip
     val_data = ShardBatches(ray.train.get_dataset_shard("val"), shape, batch_size, cache)
-    bce = torch.nn.BCEWithLogitsLoss()
 
     for epoch in range(start_epoch, config["epochs"]):
         if attempt["inject_failure_at"] == epoch:
@@ -293,17 +316,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                 # BatchNorm cannot train on one image; ranks hold equal row counts (Ray Train splits
                 # datasets with equal=True), so every rank skips the same step.
                 continue
-            if config["augment"]:
-                x = dihedral_augment(x, generator)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                logits = model(x)
-            loss = bce(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss = train_step(model, optimizer, x, y, device, generator if config["augment"] else None)
             seen += len(y)
-            loss_sum += loss.item() * len(y)
+            loss_sum += loss * len(y)
         scheduler.step()
         train_s = time.perf_counter() - t0
         metrics: dict[str, Any] = {
@@ -485,8 +500,9 @@ def summarize_run(cfg: Config, run_name: str, stopped_early: bool = False) -> di
     """The run's summary, rebuilt from what is in storage alone (so it also works for a trial that
     Tune stopped mid-run); written next to the checkpoints and closing the run's MLflow record.
 
-    ``stopped_early``: Tune's scheduler stopped the run. ``stop_reason`` tells that apart from early
-    stopping on validation AUC (``train.early_stopping_patience``).
+    ``stopped_early``: Tune's scheduler stopped the run; it counts only when epochs were left.
+    ``stop_reason`` tells that apart from early stopping on validation AUC
+    (``train.early_stopping_patience``).
     """
     run_uri = join_uri(runs_uri(cfg), run_name)
     info = read_json(join_uri(run_uri, RUN_INFO_FILE), cfg.storage)
@@ -510,13 +526,16 @@ def summarize_run(cfg: Config, run_name: str, stopped_early: bool = False) -> di
     # Ray Train always keeps the latest checkpoint (besides the best K): its history is complete.
     latest = max(reports, key=lambda r: r[1]["metrics"]["epoch"])[1]
     patience_stop = bool(latest["metrics"].get("early_stop"))
+    epochs_run = len(latest["history"])
+    # ASHA also "stops" a trial right after its last epoch at the top rung: not an early stop.
+    scheduler_stop = stopped_early and not patience_stop and epochs_run < cfg.train.epochs
     summary = {
         **info,
         "val_auc": best["metrics"]["val_auc"],
         "best_epoch": best["metrics"]["epoch"],
-        "epochs_run": len(latest["history"]),
-        "stopped_early": stopped_early or patience_stop,
-        "stop_reason": "early_stopping" if patience_stop else ("scheduler" if stopped_early else None),
+        "epochs_run": epochs_run,
+        "stopped_early": scheduler_stop or patience_stop,
+        "stop_reason": "early_stopping" if patience_stop else ("scheduler" if scheduler_stop else None),
         "attempts": len(attempts),
         "checkpoint_uri": join_uri(run_uri, best_dir),
         "member_file": MEMBER_FILE,

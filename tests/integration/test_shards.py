@@ -174,3 +174,62 @@ def test_s3_round_trip(ray_session: str, s3_endpoint: str) -> None:
     }
     assert f"prefix/datasets/{manifest['dataset_id']}/{MANIFEST}" in keys
     assert not any(".tmp" in k for k in keys)
+
+    # Resume on S3: a lost shard object and no manifest -> only that shard is rendered again.
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    prefix = f"prefix/datasets/{manifest['dataset_id']}"
+    s3.delete_object(Bucket=bucket, Key=f"{prefix}/val/part-00001.parquet")
+    s3.delete_object(Bucket=bucket, Key=f"{prefix}/{MANIFEST}")
+    with pytest.raises(DatasetError, match="incomplete dataset"):
+        read_shards(uri, "val", cfg.storage)
+    before = {o["Key"]: o["ETag"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]}
+    resumed = write_shards(cfg)
+    after = {o["Key"]: o["ETag"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]}
+    assert resumed["files"] == manifest["files"] and resumed["splits"] == manifest["splits"]
+    assert {k: after[k] for k in before} == before  # intact shards kept as they were
+    assert set(after) - set(before) == {f"{prefix}/val/part-00001.parquet", f"{prefix}/{MANIFEST}"}
+
+
+def test_worker_and_block_counts_do_not_change_a_single_pixel(
+    written: tuple[Config, dict[str, Any]], tmp_path: Path
+) -> None:
+    """One actor instead of one per CPU gives the same bytes; other shard sizes the same images."""
+    cfg_a, manifest_a = written
+    one_actor = tiny_config(str(tmp_path / "one"))
+    manifest_one = write_shards(one_actor, max_actors=1)
+    assert [f["sha256"] for f in manifest_one["files"]] == [f["sha256"] for f in manifest_a["files"]]
+    # 40-row shards instead of 10: another dataset id and other files, the same rows.
+    big_blocks = tiny_config(str(tmp_path / "big"), "sim.rows_per_shard=40")
+    write_shards(big_blocks, max_actors=2)
+    for split in ("train", "val", "test"):
+        images_a, labels_a, table_a = load_split(dataset_uri_for(cfg_a), split, cfg_a.storage)
+        images_b, labels_b, table_b = load_split(dataset_uri_for(big_blocks), split, big_blocks.storage)
+        assert images_a.tobytes() == images_b.tobytes()
+        assert np.array_equal(labels_a, labels_b)
+        assert table_a.column("theta_e_arcsec").equals(table_b.column("theta_e_arcsec"))
+
+
+def test_unreachable_or_unwritable_uri_fails_fast_naming_it_and_leaves_nothing(
+    ray_session: str, s3_endpoint: str, tmp_path: Path
+) -> None:
+    from lensmill.storage import StorageError
+    from tests.conftest import free_port
+
+    # Nothing listens on this loopback port: an S3 endpoint that cannot be reached.
+    dead = f"http://127.0.0.1:{free_port()}"
+    cfg = tiny_config("s3://lensmill-nowhere/data", f"storage.s3_endpoint_url={dead}")
+    with pytest.raises(StorageError, match="s3://lensmill-nowhere/data"):
+        write_shards(cfg)  # bounded: connect timeout x retry attempts
+
+    # A bucket that does not exist on a live S3 server.
+    cfg = tiny_config("s3://no-such-bucket/data", f"storage.s3_endpoint_url={s3_endpoint}")
+    with pytest.raises(StorageError, match="s3://no-such-bucket/data"):
+        write_shards(cfg)
+
+    # A local root below a file: refused before any rendering, nothing written anywhere.
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    cfg = tiny_config(str(blocker / "sub"))
+    with pytest.raises(StorageError, match=f"cannot write {blocker}/sub"):
+        write_shards(cfg)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["file"]

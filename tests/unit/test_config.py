@@ -40,6 +40,8 @@ def test_overrides_apply_on_top_of_a_file(tmp_path):
         ("sim.theta_e_arcsec={min: 3, max: 1}", ["sim.theta_e_arcsec", "must not exceed"]),
         ("train.batch_size=0", ["train.batch_size"]),
         ("bogus=1", ["bogus", "unknown key"]),
+        # A cross-field range check of the sim section still names the field, without echoing the section.
+        ("sim.lens_n_sersic={min: 0.1, max: 4.0}", ["sim.lens_n_sersic: values must lie in [0.2, 8.0]"]),
     ],
 )
 def test_bad_values_name_the_field(override, names):
@@ -47,6 +49,7 @@ def test_bad_values_name_the_field(override, names):
         load_config(None, [override])
     for n in names:
         assert n in str(err.value)
+    assert "Value error" not in str(err.value) and "source_mag" not in str(err.value)
 
 
 def test_malformed_override_and_missing_file_are_clear(tmp_path):

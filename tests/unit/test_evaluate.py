@@ -337,6 +337,28 @@ def test_bootstrap_interval_contains_the_point_estimate_and_is_seeded(scored) ->
     assert none["roc_auc"]["low"] is None and none["accuracy"]["estimate"] == m["accuracy"]
 
 
+def test_bootstrap_tpr_rows_match_the_scalar_definition_and_bracket_the_estimate(scored) -> None:
+    from lensmill.evaluate import _tpr_at_max_fp_rows
+
+    rng = np.random.default_rng(3)
+    # Coarse scores (ties between lenses and non-lenses) and rows with few non-lenses.
+    y = (rng.random((200, 30)) < 0.7).astype(np.float64)
+    p = np.round(rng.random((200, 30)) * 0.5 + 0.5 * y * rng.random((200, 30)), 1)
+    for m in (0, 9):
+        rows = _tpr_at_max_fp_rows(y, p, m)
+        expected = [tpr_at_max_fp(y[i], p[i], m) if 0 < y[i].sum() < 30 else None for i in range(200)]
+        for got, want in zip(rows, expected, strict=True):
+            if want is not None:
+                assert got == pytest.approx(want)
+    labels, probs = scored
+    boot = bootstrap_intervals(labels, probs, 0.5, n_samples=300, seed=7)
+    m = compute_metrics(labels, probs, 0.5)
+    for key in ("tpr0", "tpr10"):
+        assert boot[key]["estimate"] == m[key]
+        assert boot[key]["low"] <= boot[key]["estimate"] <= boot[key]["high"]
+    assert boot["tpr10"]["high"] > boot["tpr10"]["low"]
+
+
 def test_completeness_table_bins_lenses_by_a_property() -> None:
     labels = np.array([1, 1, 1, 1, 1, 1, 0, 0])
     probs = np.array([0.1, 0.2, 0.9, 0.7, 0.8, 0.95, 0.9, 0.1])

@@ -30,17 +30,13 @@ from __future__ import annotations
 import logging
 import math
 import os
-import platform as pyplatform
 import shutil
-import sys
 import tempfile
 import time
 import uuid
-from datetime import UTC, datetime
 from typing import Any
 
-import numpy as np
-
+from lensmill.bench import machine, today, versions
 from lensmill.config import Config, SimConfig, StorageConfig
 
 log = logging.getLogger(__name__)
@@ -49,18 +45,6 @@ log = logging.getLogger(__name__)
 # actor pool's start-up, short enough for a quick run.
 _PLATFORM_SECONDS_PER_CORE = 30.0
 _BASELINE_MIN_SECONDS = 4.0
-
-
-def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo on Linux), else what ``platform`` knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return pyplatform.processor() or pyplatform.machine()
 
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -200,23 +184,6 @@ class ShardProgress:
         if start is None or end is None or end[1] <= start[1] or end[0] <= start[0]:
             return None
         return (end[1] - start[1]) * rows_per_shard / (end[0] - start[0]), end[0] - start[0]
-
-
-def _versions() -> dict[str, str]:
-    import lenstronomy
-    import pyarrow
-    import ray
-
-    import lensmill
-
-    return {
-        "lensmill": lensmill.__version__,
-        "lenstronomy": lenstronomy.__version__,
-        "ray": ray.__version__,
-        "pyarrow": pyarrow.__version__,
-        "numpy": np.__version__,
-        "python": sys.version.split()[0],
-    }
 
 
 def run_baseline(sim: SimConfig, n_images: int | None = None) -> dict[str, Any]:
@@ -436,12 +403,7 @@ def run_simulate_bench(
             "manifest) from a warm Ray; steady: shards completed per second (by file) between the "
             "first and the last wave of shards, i.e. with every actor started and busy"
         ),
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "cpu_model": cpu_model(),
-            "processor": pyplatform.processor(),
-            "cpu_count": os.cpu_count(),
-            "platform": pyplatform.platform(),
-        },
-        "versions": _versions(),
+        "date": today(),
+        "machine": machine(),
+        "versions": versions(),
     }

@@ -16,43 +16,33 @@ Timed, identically in both: the training pass of each epoch, from asking for the
 last optimizer step (data loading, augmentation, forward, backward, step). Validation and
 checkpointing fall outside it, in (b) as well. Steady state: epoch 0 (warm-up: allocator, oneDNN
 kernels, Ray Data start-up, cache filling) is excluded, and images/s is the total images over the
-total time of epochs 1..E-1. Ray must be initialised by the caller (the CLI does it).
+total time of epochs 1..E-1. The baseline runs first and again last (``baseline_after``): two
+baselines that disagree mean the machine's speed drifted (other load) and the ratio is unreliable.
+Ray must be initialised by the caller (the CLI does it).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import platform as pyplatform
 import tempfile
 import time
 import uuid
-from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 import torch
 
+from lensmill.bench import machine, today, versions
 from lensmill.config import Config
 from lensmill.models import LensClassifier
 from lensmill.shards import dataset_uri_for, load_split, write_shards
-from lensmill.train import dihedral_augment, fit, fits_in_memory, norm_stats
+from lensmill.train import fit, fits_in_memory, norm_stats, train_step
 
 log = logging.getLogger(__name__)
 
 # Epoch 0 is warm-up in both loops; at least this many epochs are run so one is timed.
 _MIN_EPOCHS = 2
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return pyplatform.processor() or pyplatform.machine()
 
 
 def _steady(epochs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -80,7 +70,6 @@ def run_baseline(
     """The plain loop over in-memory (N, C, H, W) images; per epoch: images trained and seconds."""
     t = cfg.train
     device = torch.device("cuda" if t.use_gpu is not False and torch.cuda.is_available() else "cpu")
-    use_bf16 = device.type == "cuda"
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -90,7 +79,6 @@ def run_baseline(
         model = model.to(device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
-        bce = torch.nn.BCEWithLogitsLoss()
         x_all = torch.from_numpy(images)  # (N, C, H, W) float32
         y_all = torch.as_tensor(labels, dtype=torch.float32)  # (N,)
         generator = torch.Generator().manual_seed(t.seed * 1000)
@@ -103,18 +91,8 @@ def run_baseline(
                 idx = order[s : s + t.batch_size]
                 if len(idx) < 2:  # as the platform: BatchNorm cannot train on one image
                     continue
-                x, y = x_all[idx], y_all[idx]
-                if t.augment:
-                    x = dihedral_augment(x, generator)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    logits = model(x)
-                loss = bce(logits.float(), y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                seen += len(y)
-                loss.item()  # the platform reads the loss every step too (a device sync on GPU)
+                train_step(model, optimizer, x_all[idx], y_all[idx], device, generator if t.augment else None)
+                seen += len(idx)
             scheduler.step()
             out.append({"epoch": epoch, "images": seen, "seconds": time.perf_counter() - t0})
             log.info("baseline epoch %d: %.1f images/s", epoch, seen / out[-1]["seconds"])
@@ -164,6 +142,7 @@ def run_train_bench(cfg: Config) -> dict[str, Any]:
     t = cfg.train
     epochs = max(t.epochs, _MIN_EPOCHS)
     threads = t.torch_threads or max(1, int(t.cpus_per_worker))
+    load_before = os.getloadavg()
     manifest = write_shards(cfg)  # the dataset cfg describes; kept as is when already complete
     dataset_uri = dataset_uri_for(cfg)
     images, labels, _ = load_split(dataset_uri, "train", cfg.storage)
@@ -172,7 +151,6 @@ def run_train_bench(cfg: Config) -> dict[str, Any]:
 
     log.info("bench train: baseline, %d epochs of %d images", epochs, len(labels))
     baseline = _steady(run_baseline(cfg, images, labels, norm, epochs, threads * t.num_workers))
-    del images
 
     with tempfile.TemporaryDirectory(prefix="lensmill-bench-train-") as root:
         bench_cfg = _bench_config(cfg, root, dataset_uri, epochs)
@@ -181,12 +159,16 @@ def run_train_bench(cfg: Config) -> dict[str, Any]:
         log.info("bench train: platform with Ray Data streaming every epoch")
         streaming = _platform(bench_cfg, False)
 
+    # The baseline again: if the machine's speed drifted (other load), the two baselines disagree.
+    log.info("bench train: baseline again (drift check)")
+    baseline_after = _steady(run_baseline(cfg, images, labels, norm, epochs, threads * t.num_workers))
     ratio = platform["images_per_s"] / baseline["images_per_s"]
     return {
         "bench": "train",
         "baseline_images_per_s": round(baseline["images_per_s"], 1),
         "platform_images_per_s": round(platform["images_per_s"], 1),
         "ratio": round(ratio, 3),
+        "baseline_after_images_per_s": round(baseline_after["images_per_s"], 1),
         "platform_streaming_images_per_s": round(streaming["images_per_s"], 1),
         "streaming_ratio": round(streaming["images_per_s"] / baseline["images_per_s"], 3),
         "platform_cache_in_memory": fits_in_memory(bench_cfg, manifest),
@@ -203,16 +185,15 @@ def run_train_bench(cfg: Config) -> dict[str, Any]:
         "baseline_torch_threads": threads * t.num_workers,
         "augment": t.augment,
         "baseline": baseline,
+        "baseline_after": baseline_after,
         "platform": platform,
         "platform_streaming": streaming,
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "date": today(),
+        # load_avg_1min far above the worker's CPUs: other work shared the cores, figures are uneven.
         "machine": {
-            "cpu": _cpu_model(),
-            "cores": os.cpu_count(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            **machine(),
+            "load_avg_1min_start": round(load_before[0], 2),
             "ray_cpus": ray.cluster_resources().get("CPU"),
-            "python": pyplatform.python_version(),
-            "torch": torch.__version__,
-            "ray": ray.__version__,
         },
+        "versions": versions(),
     }
