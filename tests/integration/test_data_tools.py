@@ -146,3 +146,25 @@ def test_bench_simulate_reports_its_figures(ray_address: str) -> None:
         out["platform_images_per_s"] / (out["cores"] * out["baseline_images_per_s"]), rel=0.01, abs=1e-3
     )
     assert set(out["versions"]) >= {"lensmill", "lenstronomy", "ray"}
+
+
+def test_bench_train_reports_both_loops_on_the_same_data(ray_address: str, tmp_path: Path) -> None:
+    code, out, err = cli(
+        "bench", "train", f"ray.address={ray_address}", f"storage.root={tmp_path}", "train.model=tiny",
+        "train.epochs=2", "train.batch_size=16", "train.cpus_per_worker=1", "sim.n_train=64",
+        "sim.n_val=16", "sim.n_test=4", "sim.rows_per_shard=32", "sim.image_size_px=32",
+    )  # fmt: skip
+    assert code == 0, err[-3000:]
+    assert out["bench"] == "train" and out["model"] == "tiny" and out["n_train"] == 64
+    assert out["image_shape"] == [1, 32, 32] and out["epochs"] == 2
+    # Both loops trained epoch 1 (timed) over the whole train split, in batches of 16.
+    for run in ("baseline", "baseline_after", "platform", "platform_streaming"):
+        assert out[run]["timed_epochs"] == [1] and out[run]["timed_images"] == 64, run
+    assert out["platform"]["data_from_cache"] == [False, True]
+    assert out["platform_streaming"]["data_from_cache"] == [False, False]
+    both_s = out["baseline"]["timed_seconds"] + out["baseline_after"]["timed_seconds"]
+    assert out["baseline_images_per_s"] == pytest.approx(128 / both_s, rel=0.01)
+    assert out["ratio"] == pytest.approx(
+        out["platform_images_per_s"] / out["baseline_images_per_s"], rel=0.01, abs=1e-3
+    )
+    assert set(out["versions"]) >= {"lensmill", "ray", "torch"} and out["machine"]["cpu_count"] >= 1
