@@ -317,7 +317,8 @@ def _wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     f = k / n
     centre = (f + z * z / (2 * n)) / (1 + z * z / n)
     half = z * np.sqrt(f * (1 - f) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+    # At k = 0 or k = n a bound equals f exactly in theory; rounding must not leave f outside.
+    return float(max(0.0, min(f, centre - half))), float(min(1.0, max(f, centre + half)))
 
 
 def completeness_table(
@@ -507,12 +508,16 @@ def plot_completeness(
         lo = np.array([r["lo"] for r in table])
         hi = np.array([r["hi"] for r in table])
         c = np.array([r["completeness"] for r in table])
-        err = np.array(
-            [
-                [r["completeness"] - r["ci_low"] for r in table],
-                [r["ci_high"] - r["completeness"] for r in table],
-            ]
-        )
+        err = np.clip(
+            np.array(
+                [
+                    [r["completeness"] - r["ci_low"] for r in table],
+                    [r["ci_high"] - r["completeness"] for r in table],
+                ]
+            ),
+            0.0,
+            None,
+        )  # (2, bins); never below 0 from rounding
         mid = (lo + hi) / 2
         ax.errorbar(mid, c, yerr=err, xerr=(hi - lo) / 2, fmt="o", capsize=3, lw=1.5)
         for x, r in zip(mid, table, strict=True):

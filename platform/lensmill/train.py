@@ -279,7 +279,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     if checkpoint:
         with checkpoint.as_directory() as d:
             state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
+            # The weights live once per checkpoint, in the member file (state.pt: optimizer & co).
+            weights = torch.load(Path(d) / MEMBER_FILE, map_location="cpu", weights_only=False)
+        model.load_state_dict(weights["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, history, resumed_from = state["epoch"] + 1, state["history"], state["epoch"]
@@ -344,7 +346,6 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                     inner, Path(tmp) / MEMBER_FILE, {"epoch": epoch, "val_auc": metrics["val_auc"]}
                 )
                 state = {
-                    "model": inner.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "epoch": epoch,

@@ -403,3 +403,21 @@ def test_new_plots_write_png_files(scored, tmp_path: Path) -> None:
     ]
     for path in paths:
         assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.parametrize("n", [4, 10, 19, 44, 167])
+def test_wilson_bounds_hold_the_estimate_and_the_plot_draws_when_every_lens_is_found(n, tmp_path) -> None:
+    """All found (or none found) in a bin: rounding once put the upper bound a hair below 1 and
+    matplotlib refused the negative error bar, which stopped the demo."""
+    from lensmill.evaluate import _wilson, plot_completeness
+
+    assert _wilson(n, n)[1] == 1.0 and _wilson(n, n)[0] < 1.0
+    assert _wilson(0, n)[0] == 0.0 and _wilson(0, n)[1] > 0.0
+    labels = np.ones(2 * n, dtype=int)
+    probs = np.r_[np.full(n, 0.9), np.full(n, 0.1)]  # first bin: all found; second: none
+    theta = np.r_[np.linspace(0.5, 1.0, n), np.linspace(1.5, 2.0, n)]
+    rows = completeness_table(labels, probs, theta, threshold=0.5, n_bins=2)
+    assert [r["completeness"] for r in rows] == [1.0, 0.0]
+    for r in rows:
+        assert r["ci_low"] <= r["completeness"] <= r["ci_high"]
+    assert plot_completeness(rows, tmp_path / "c.png", "theta").stat().st_size > 0
