@@ -182,6 +182,32 @@ class BandObservation(_Frozen):
     ccd_gain: float = Field(gt=0)  # e-/ADU
     psf_fwhm_arcsec: float = Field(gt=0)  # Gaussian PSF (seeing)
 
+    def single_band_kwargs(self, pixel_scale_arcsec: float) -> dict[str, float]:
+        """lenstronomy's ``SingleBand`` keywords for this band (psf_type etc. left to the caller)."""
+        return {
+            "pixel_scale": pixel_scale_arcsec,
+            "exposure_time": self.exposure_time_s,
+            "num_exposures": self.num_exposures,
+            "sky_brightness": self.sky_brightness_mag_arcsec2,
+            "magnitude_zero_point": self.magnitude_zero_point,
+            "read_noise": self.read_noise_e,
+            "ccd_gain": self.ccd_gain,
+            "seeing": self.psf_fwhm_arcsec,
+        }
+
+    @classmethod
+    def from_single_band_kwargs(cls, kw: dict[str, Any], num_exposures: int) -> BandObservation:
+        """The inverse of ``single_band_kwargs`` (a survey preset's), with its own exposure count."""
+        return cls(
+            exposure_time_s=kw["exposure_time"],
+            num_exposures=num_exposures,
+            sky_brightness_mag_arcsec2=kw["sky_brightness"],
+            magnitude_zero_point=kw["magnitude_zero_point"],
+            read_noise_e=kw["read_noise"],
+            ccd_gain=kw["ccd_gain"],
+            psf_fwhm_arcsec=kw["seeing"],
+        )
+
 
 # Survey presets lenstronomy 1.14.2 ships (lenstronomy.SimulationAPI.ObservationConfig): module, class,
 # bands, the class's default coadd years and the range of years it accepts. There is no HSC preset.
@@ -218,15 +244,7 @@ def survey_band(instrument: str, band: str, coadd_years: int | None = None) -> t
     # dicts, so asking it for another coadd would leak into every later DES preset in the process.
     kw = dict(getattr(module, cls_name)(band=band).kwargs_single_band())
     n_exp = int(kw["num_exposures"]) * years // default_years
-    return float(kw["pixel_scale"]), BandObservation(
-        exposure_time_s=kw["exposure_time"],
-        num_exposures=max(n_exp, 1),
-        sky_brightness_mag_arcsec2=kw["sky_brightness"],
-        magnitude_zero_point=kw["magnitude_zero_point"],
-        read_noise_e=kw["read_noise"],
-        ccd_gain=kw["ccd_gain"],
-        psf_fwhm_arcsec=kw["seeing"],
-    )
+    return float(kw["pixel_scale"]), BandObservation.from_single_band_kwargs(kw, max(n_exp, 1))
 
 
 class SimConfig(_Frozen):

@@ -77,12 +77,7 @@ def tpr_at_max_fp(labels: Any, probs: Any, max_false_positives: int) -> float:
     if int(max_false_positives) != max_false_positives or max_false_positives < 0:
         raise ValueError(f"max_false_positives must be a non-negative integer, got {max_false_positives!r}")
     y, p = _check_arrays(labels, probs)
-    m = int(max_false_positives)
-    neg = np.sort(p[y == 0])[::-1]
-    pos = p[y == 1]
-    if neg.size <= m:
-        return 1.0
-    return float(np.count_nonzero(pos > neg[m])) / float(pos.size)
+    return float(_tpr_at_max_fp_rows(y[None], p[None], int(max_false_positives))[0])
 
 
 def compute_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> dict[str, Any]:
@@ -247,7 +242,8 @@ def _auc_from_ranks(y: np.ndarray, p: np.ndarray) -> np.ndarray:
 
 
 def _tpr_at_max_fp_rows(y: np.ndarray, p: np.ndarray, m: int) -> np.ndarray:
-    """``tpr_at_max_fp`` per row of (B, N) label/score matrices; NaN for rows without lenses."""
+    """``tpr_at_max_fp`` per row of (B, N) label/score matrices (the bootstrap scores thousands of
+    resamples at once); NaN for rows without lenses."""
     neg = np.where(y == 0, p, -np.inf)  # (B, N): lenses pushed below every non-lens score
     n_neg = (y == 0).sum(axis=1)
     n_pos = (y == 1).sum(axis=1)

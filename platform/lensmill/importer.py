@@ -37,9 +37,9 @@ from lensmill.shards import (
     MANIFEST,
     SPLITS,
     DatasetError,
-    _versions,
     read_manifest,
     shard_to_bytes,
+    software_versions,
 )
 from lensmill.simulate import PARAM_KEYS
 from lensmill.storage import absolute_uri, ensure_writable, exists, join_uri, write_bytes, write_json
@@ -404,7 +404,7 @@ def import_cutouts(
             "sha256": hashlib.sha256("\n".join(digests).encode()).hexdigest(),
             "kinds": sorted({SUFFIXES[it.path.suffix.lower()] for it in items}),
         },
-        "versions": _versions(),
+        "versions": software_versions(),
     }
     write_json(join_uri(uri, MANIFEST), manifest, storage)
     log.info("imported %d cutouts %s into %s (%d shards)", len(items), list(shape), uri, len(entries))

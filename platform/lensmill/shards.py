@@ -65,7 +65,8 @@ class DatasetError(ValueError):
 # -- identity and layout ------------------------------------------------------------------------
 
 
-def _versions() -> dict[str, str]:
+def software_versions() -> dict[str, str]:
+    """Versions of the software that writes a dataset (recorded in its manifest)."""
     import lenstronomy
     import ray
 
@@ -327,7 +328,7 @@ def _build_manifest(sim: SimConfig, dataset_id: str, entries: list[dict[str, Any
         "splits": splits,
         "files": [{k: e[k] for k in keys} for e in entries],
         "config": sim.model_dump(mode="json"),
-        "versions": _versions(),
+        "versions": software_versions(),
     }
 
 

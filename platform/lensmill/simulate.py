@@ -183,14 +183,7 @@ class Simulator:
         observing = [sim.observing[b] for b in sim.bands]
         singles = [
             SingleBand(
-                pixel_scale=sim.pixel_scale_arcsec,
-                exposure_time=o.exposure_time_s,
-                magnitude_zero_point=o.magnitude_zero_point,
-                read_noise=o.read_noise_e,
-                ccd_gain=o.ccd_gain,
-                sky_brightness=o.sky_brightness_mag_arcsec2,
-                seeing=o.psf_fwhm_arcsec,
-                num_exposures=o.num_exposures,
+                **o.single_band_kwargs(sim.pixel_scale_arcsec),
                 psf_type="GAUSSIAN",
                 truncation=_PSF_TRUNCATION,
                 data_count_unit="e-",
@@ -216,14 +209,8 @@ class Simulator:
             "lens_light_model_list": light_list,
             "source_light_model_list": ["SERSIC_ELLIPSE"] + ["GAUSSIAN"] * sim.source_clumps_max,
         }
-        o = observing[0]
         kwargs_band = {
-            "pixel_scale": sim.pixel_scale_arcsec,
-            "exposure_time": o.exposure_time_s,
-            "magnitude_zero_point": o.magnitude_zero_point,
-            "read_noise": o.read_noise_e,
-            "ccd_gain": o.ccd_gain,
-            "sky_brightness": o.sky_brightness_mag_arcsec2,
+            **observing[0].single_band_kwargs(sim.pixel_scale_arcsec),
             "psf_type": "NONE",  # convolution happens per band, below
             "data_count_unit": "e-",
         }

@@ -338,6 +338,7 @@ def test_bootstrap_interval_contains_the_point_estimate_and_is_seeded(scored) ->
 
 
 def test_bootstrap_tpr_rows_match_the_scalar_definition_and_bracket_the_estimate(scored) -> None:
+    """Each row of a (B, N) batch is scored as if alone (the hand-made cases above pin the definition)."""
     from lensmill.evaluate import _tpr_at_max_fp_rows
 
     rng = np.random.default_rng(3)

@@ -198,14 +198,8 @@ def _reference_image(sim: SimConfig, simulator: Simulator, system: LensSystem) -
     for c, band in enumerate(sim.bands):
         o = sim.observing[band]
         kwargs_band = {
-            "pixel_scale": sim.pixel_scale_arcsec,
-            "exposure_time": o.exposure_time_s,
-            "magnitude_zero_point": o.magnitude_zero_point,
-            "read_noise": o.read_noise_e,
-            "ccd_gain": o.ccd_gain,
-            "sky_brightness": o.sky_brightness_mag_arcsec2,
+            **o.single_band_kwargs(sim.pixel_scale_arcsec),
             "seeing": o.psf_fwhm_arcsec * system.psf_scale,
-            "num_exposures": o.num_exposures,
             "psf_type": "GAUSSIAN",
             "data_count_unit": "e-",
         }

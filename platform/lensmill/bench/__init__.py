@@ -47,9 +47,9 @@ def machine() -> dict[str, Any]:
 
 def versions() -> dict[str, str]:
     """Versions of everything between the config and the figure (those that are imported)."""
-    from lensmill.shards import _versions as data_versions
+    from lensmill.shards import software_versions
 
-    out = {**data_versions(), "python": pyplatform.python_version()}
+    out = {**software_versions(), "python": pyplatform.python_version()}
     for name in ("numpy", "torch", "timm"):
         module = sys.modules.get(name)
         if module is not None:
