@@ -153,6 +153,7 @@ def test_bench_train_reports_both_loops_on_the_same_data(ray_address: str, tmp_p
         "bench", "train", f"ray.address={ray_address}", f"storage.root={tmp_path}", "train.model=tiny",
         "train.epochs=2", "train.batch_size=16", "train.cpus_per_worker=1", "sim.n_train=64",
         "sim.n_val=16", "sim.n_test=4", "sim.rows_per_shard=32", "sim.image_size_px=32",
+        timeout=600,  # two Ray Train runs: 300 s was exceeded once on a loaded 2-core machine
     )  # fmt: skip
     assert code == 0, err[-3000:]
     assert out["bench"] == "train" and out["model"] == "tiny" and out["n_train"] == 64
