@@ -38,8 +38,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from lensmill.config import ConfigError, StorageConfig
+from lensmill.layout import shard_uri
 from lensmill.shards import SPLITS, read_manifest
-from lensmill.storage import StorageError, absolute_uri, join_uri, read_bytes
+from lensmill.storage import StorageError, absolute_uri, read_bytes
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +264,7 @@ def validate_dataset(
     missing_files = []
     for entry in manifest["files"]:
         try:
-            data = read_bytes(join_uri(uri, entry["path"]), storage)
+            data = read_bytes(shard_uri(uri, entry["path"]), storage)
         except StorageError:
             missing_files.append(entry["path"])
             continue

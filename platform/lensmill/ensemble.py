@@ -3,7 +3,7 @@
 Member probabilities on the validation split are computed once; the weight search then runs on
 arrays: every point of a simplex grid with step ``ensemble.weight_step``, scored by ROC AUC
 (ties broken by log loss). A temperature for the weighted probability is then fitted on the same
-validation arrays (``evaluate.fit_temperature``) and stored in ``ensemble.json``, so that serving and
+validation arrays (``metrics.fit_temperature``) and stored in ``ensemble.json``, so that serving and
 evaluation report calibrated probabilities. The result is registered in MLflow and aliased ``@champion``.
 """
 
@@ -19,15 +19,13 @@ from sklearn.metrics import log_loss, roc_auc_score
 
 from lensmill import tracking
 from lensmill.config import Config
-from lensmill.evaluate import apply_temperature, expected_calibration_error, fit_temperature
+from lensmill.layout import ensemble_result_uri, stage_run_name
+from lensmill.metrics import apply_temperature, expected_calibration_error, fit_temperature
 from lensmill.models import load_classifier
 from lensmill.predict import EnsemblePredictor, Member
 from lensmill.shards import load_split
-from lensmill.storage import download_dir, is_s3, join_uri, write_json
-from lensmill.train import runs_uri
+from lensmill.storage import download_dir, is_s3, write_json
 from lensmill.tune import load_tune_results
-
-ENSEMBLE_FILE = "ensemble_result.json"
 
 
 def select_members(trials: list[dict[str, Any]], max_members: int) -> list[dict[str, Any]]:
@@ -97,7 +95,7 @@ def build_ensemble(cfg: Config) -> dict[str, Any]:
         out_dir = Path(tmp) / "ensemble"
         predictor.save(out_dir)
 
-        run_id = tracking.start_run(cfg, f"{cfg.name}-ensemble", "ensemble", info["dataset_id"])
+        run_id = tracking.start_run(cfg, stage_run_name(cfg, "ensemble"), "ensemble", info["dataset_id"])
         member_aucs = [float(roc_auc_score(labels, probs[:, j])) for j in range(len(members))]
         tracking.log_metrics(
             cfg,
@@ -135,5 +133,5 @@ def build_ensemble(cfg: Config) -> dict[str, Any]:
         "mlflow_run_id": run_id,
         **registered,
     }
-    write_json(join_uri(runs_uri(cfg), f"{cfg.name}-ensemble", ENSEMBLE_FILE), result, cfg.storage)
+    write_json(ensemble_result_uri(cfg), result, cfg.storage)
     return result

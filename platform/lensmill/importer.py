@@ -32,9 +32,9 @@ import numpy as np
 import pyarrow as pa
 
 from lensmill.config import StorageConfig, stable_hash
+from lensmill.layout import dataset_uri, manifest_uri, shard_path, shard_uri
 from lensmill.shards import (
     FORMAT_VERSION,
-    MANIFEST,
     SPLITS,
     DatasetError,
     read_manifest,
@@ -42,7 +42,7 @@ from lensmill.shards import (
     software_versions,
 )
 from lensmill.simulate import PARAM_KEYS
-from lensmill.storage import absolute_uri, ensure_writable, exists, join_uri, write_bytes, write_json
+from lensmill.storage import absolute_uri, ensure_writable, exists, write_bytes, write_json
 
 log = logging.getLogger(__name__)
 
@@ -327,11 +327,8 @@ def import_cutouts(
             "format_version": FORMAT_VERSION,
         }
     )
-    if out_uri is None:
-        uri = join_uri(absolute_uri(storage.root), "datasets", dataset_id)
-    else:
-        uri = absolute_uri(out_uri)
-    if exists(join_uri(uri, MANIFEST), storage):
+    uri = dataset_uri(storage.root, dataset_id) if out_uri is None else absolute_uri(out_uri)
+    if exists(manifest_uri(uri), storage):
         old = read_manifest(uri, storage)
         if old["dataset_id"] == dataset_id:
             log.info("dataset %s already holds this import: nothing to do", uri)
@@ -368,8 +365,8 @@ def import_cutouts(
                 "rows": len(chunk),
             }
             data = shard_to_bytes(table, description)
-            path = f"{split}/part-{index:05d}.parquet"
-            write_bytes(join_uri(uri, path), data, storage)
+            path = shard_path(split, index)
+            write_bytes(shard_uri(uri, path), data, storage)
             entries.append(
                 {
                     "path": path,
@@ -406,6 +403,6 @@ def import_cutouts(
         },
         "versions": software_versions(),
     }
-    write_json(join_uri(uri, MANIFEST), manifest, storage)
+    write_json(manifest_uri(uri), manifest, storage)
     log.info("imported %d cutouts %s into %s (%d shards)", len(items), list(shape), uri, len(entries))
     return {**manifest, "dataset_uri": uri}

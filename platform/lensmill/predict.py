@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lensmill.evaluate import apply_temperature
+from lensmill.metrics import apply_temperature
 from lensmill.models import LensClassifier, load_classifier, save_classifier
 
 FORMAT_VERSION = 1

@@ -21,8 +21,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lensmill.config import Config, StorageConfig
+from lensmill.layout import shard_uri
 from lensmill.shards import DatasetError, decode_images, read_manifest
-from lensmill.storage import absolute_uri, is_s3, join_uri, read_bytes
+from lensmill.storage import absolute_uri, is_s3, read_bytes
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ def _sample_rows(
     rng = np.random.default_rng(seed)
     tables, counts = [], np.zeros(2, int)
     for i in rng.permutation(len(files)):  # shards in random order: not always the first rows
-        data = read_bytes(join_uri(dataset_uri, files[i]["path"]), storage)
+        data = read_bytes(shard_uri(dataset_uri, files[i]["path"]), storage)
         table = pq.read_table(io.BytesIO(data)).replace_schema_metadata(None)
         tables.append(table)
         y = table.column("label").to_numpy()

@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 
 from lensmill.config import Config
+from lensmill.layout import predictions_uri
 from lensmill.shards import dataset_uri_for, decode_images, read_manifest, read_shards
-from lensmill.storage import is_s3, join_uri, locate
-from lensmill.train import runs_uri
+from lensmill.storage import is_s3, locate
 
 KEEP_COLUMNS = ("row_id", "split", "label", "theta_e_arcsec", "arc_snr")
 
@@ -60,7 +60,7 @@ def score_dataset(
 
     dataset_uri = dataset_uri or dataset_uri_for(cfg)
     manifest = read_manifest(dataset_uri, cfg.storage)
-    out_uri = out_uri or join_uri(runs_uri(cfg), f"{cfg.name}-predictions", manifest["dataset_id"], split)
+    out_uri = out_uri or predictions_uri(cfg, manifest["dataset_id"], split)
     scored = read_shards(dataset_uri, split, cfg.storage).map_batches(
         EnsembleScorer,
         fn_constructor_kwargs={

@@ -1,6 +1,6 @@
 """Ray Data: seeds -> Simulator -> Parquet shards + manifest; and the readers of such a dataset.
 
-Layout under a dataset URI (``{root}/datasets/{dataset_id}`` unless ``cfg.dataset_uri`` is set)::
+Layout under a dataset URI (``layout.dataset_uri``, unless ``cfg.dataset_uri`` is set)::
 
     train/part-00000.parquet ... val/... test/...   one row per image
     manifest.json                                   written last: a dataset without it is never read
@@ -32,13 +32,13 @@ import pyarrow.parquet as pq
 
 import lensmill
 from lensmill.config import Config, SimConfig, StorageConfig, stable_hash
+from lensmill.layout import MANIFEST_FILE, dataset_uri, manifest_uri, shard_path, shard_uri
 from lensmill.simulate import PARAM_KEYS, Simulator, label_for, n_positives, row_rng
 from lensmill.storage import (
     StorageError,
     absolute_uri,
     ensure_writable,
     exists,
-    join_uri,
     list_files,
     locate,
     read_bytes,
@@ -51,7 +51,6 @@ log = logging.getLogger(__name__)
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 # Key of the shard description embedded in each Parquet file's schema metadata.
 _SHARD_META_KEY = b"lensmill.shard"
 # Row groups of about this size: large enough for fast scans, small enough to stream.
@@ -96,7 +95,7 @@ def dataset_uri_for(cfg: Config) -> str:
     """``cfg.dataset_uri`` when set, else ``{storage.root}/datasets/{dataset_id}`` (absolute)."""
     if cfg.dataset_uri:
         return absolute_uri(cfg.dataset_uri)
-    return join_uri(absolute_uri(cfg.storage.root), "datasets", dataset_id_for(cfg.sim))
+    return dataset_uri(cfg.storage.root, dataset_id_for(cfg.sim))
 
 
 def split_rows(sim: SimConfig, split: str) -> int:
@@ -117,7 +116,7 @@ def shard_specs(sim: SimConfig) -> list[dict[str, Any]]:
                     "index": index,
                     "row_start": start,
                     "rows": min(sim.rows_per_shard, n - start),
-                    "path": f"{split}/part-{index:05d}.parquet",
+                    "path": shard_path(split, index),
                 }
             )
     return specs
@@ -208,7 +207,7 @@ class ShardWriter:
 
     def write(self, spec: dict[str, Any]) -> dict[str, Any]:
         """Write (or keep, when intact) one shard; its manifest entry."""
-        uri = join_uri(self.dataset_uri, spec["path"])
+        uri = shard_uri(self.dataset_uri, spec["path"])
         description = _shard_description(self.dataset_id, spec)
         if spec.get("exists"):
             data = read_bytes(uri, self.storage)
@@ -268,7 +267,7 @@ def write_shards(cfg: Config, max_actors: int | None = None) -> dict[str, Any]:
         raise RuntimeError("write_shards needs a running Ray: call ray.init() (or use lensmill's CLI) first")
     uri = dataset_uri_for(cfg)
     storage = cfg.storage
-    if exists(join_uri(uri, MANIFEST), storage):
+    if exists(manifest_uri(uri), storage):
         log.info("dataset %s is complete: nothing to render", uri)
         return read_manifest(uri, storage)
 
@@ -277,7 +276,7 @@ def write_shards(cfg: Config, max_actors: int | None = None) -> dict[str, Any]:
     sim = cfg.sim
     dataset_id = dataset_id_for(sim)
     present = set(list_files(uri, storage))
-    specs = [{**s, "exists": join_uri(uri, s["path"]) in present} for s in shard_specs(sim)]
+    specs = [{**s, "exists": shard_uri(uri, s["path"]) in present} for s in shard_specs(sim)]
     todo = sum(not s["exists"] for s in specs)
     log.info("dataset %s: %d shards, %d to render, %d to check", uri, len(specs), todo, len(specs) - todo)
 
@@ -300,7 +299,7 @@ def write_shards(cfg: Config, max_actors: int | None = None) -> dict[str, Any]:
         raise DatasetError(f"expected {len(specs)} shards under {uri}, got {len(entries)}")
 
     manifest = _build_manifest(sim, dataset_id, entries)
-    write_json(join_uri(uri, MANIFEST), manifest, storage)
+    write_json(manifest_uri(uri), manifest, storage)
     rendered = sum(e["rendered"] for e in entries)
     log.info("dataset %s written: %d shards rendered, %d kept", uri, rendered, len(entries) - rendered)
     return manifest
@@ -334,18 +333,18 @@ def _build_manifest(sim: SimConfig, dataset_id: str, entries: list[dict[str, Any
 
 def read_manifest(dataset_uri: str, storage: StorageConfig) -> dict[str, Any]:
     """The manifest of a complete dataset; ``DatasetError`` when there is none (incomplete dataset)."""
-    uri = join_uri(absolute_uri(dataset_uri), MANIFEST)
+    uri = manifest_uri(dataset_uri)
     try:
         if not exists(uri, storage):
-            raise DatasetError(f"incomplete dataset: no {MANIFEST} at {absolute_uri(dataset_uri)}")
+            raise DatasetError(f"incomplete dataset: no {MANIFEST_FILE} at {absolute_uri(dataset_uri)}")
         manifest = read_json(uri, storage)
     except StorageError as exc:
         raise DatasetError(f"cannot read the manifest of {dataset_uri}: {exc}") from exc
     except json.JSONDecodeError as exc:
-        raise DatasetError(f"corrupt {MANIFEST} at {dataset_uri}: {exc}") from exc
+        raise DatasetError(f"corrupt {MANIFEST_FILE} at {dataset_uri}: {exc}") from exc
     missing = {"dataset_id", "image_shape", "splits", "files"} - set(manifest)
     if missing:
-        raise DatasetError(f"{MANIFEST} at {dataset_uri} lacks {sorted(missing)}")
+        raise DatasetError(f"{MANIFEST_FILE} at {dataset_uri} lacks {sorted(missing)}")
     return manifest
 
 
@@ -361,7 +360,7 @@ def read_shards(dataset_uri: str, split: str, storage: StorageConfig) -> Any:
 
     manifest = read_manifest(dataset_uri, storage)
     files = _split_files(manifest, dataset_uri, split)
-    locs = [locate(join_uri(absolute_uri(dataset_uri), f["path"]), storage) for f in files]
+    locs = [locate(shard_uri(dataset_uri, f["path"]), storage) for f in files]
     return ray.data.read_parquet([loc.path for loc in locs], filesystem=locs[0].filesystem)
 
 
@@ -388,7 +387,7 @@ def load_split(
     files = _split_files(manifest, dataset_uri, split)
     tables = []
     for f in files:
-        uri = join_uri(absolute_uri(dataset_uri), f["path"])
+        uri = shard_uri(dataset_uri, f["path"])
         data = read_bytes(uri, storage)
         if "sha256" in f and hashlib.sha256(data).hexdigest() != f["sha256"]:
             raise DatasetError(f"{uri} does not match the checksum in its manifest")

@@ -21,7 +21,8 @@ import yaml
 
 from lensmill import __version__
 from lensmill.config import Config
-from lensmill.storage import absolute_uri, is_s3
+from lensmill.layout import mlflow_artifacts_path, mlflow_db_path
+from lensmill.storage import is_s3
 
 PIP_REQUIREMENTS = ["lensmill", "torch", "torchvision", "timm", "numpy"]
 
@@ -38,9 +39,9 @@ def tracking_uri_for(cfg: Config) -> str:
             "tracking.tracking_uri must be set when storage.root is on S3 "
             "(a sqlite store cannot live in a bucket); point it at your MLflow server"
         )
-    root = Path(absolute_uri(cfg.storage.root))
-    root.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{root}/mlflow.db"
+    db = Path(mlflow_db_path(cfg))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{db}"
 
 
 def client(cfg: Config):  # -> mlflow.MlflowClient (import kept lazy: mlflow is slow to import)
@@ -70,7 +71,7 @@ def experiment_id(cfg: Config) -> str:
             return exp.experiment_id
         location = None
         if not cfg.tracking.tracking_uri:
-            location = (Path(absolute_uri(cfg.storage.root)) / "mlartifacts").as_uri()
+            location = Path(mlflow_artifacts_path(cfg)).as_uri()
         return c.create_experiment(cfg.tracking.experiment, artifact_location=location)
     except Exception as exc:  # MlflowException, connection errors: one clear message
         if "already exists" in str(exc):  # another process created it meanwhile

@@ -32,25 +32,23 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 
 from lensmill import tracking
 from lensmill.config import Config, StorageConfig
+from lensmill.layout import (
+    ATTEMPTS_FILE,
+    CHECKPOINT_PREFIX,
+    MEMBER_FILE,
+    METRICS_FILE,
+    RUN_INFO_FILE,
+    STATE_FILE,
+    SUMMARY_FILE,
+    checkpoint_dir_name,
+    run_name_for,
+    run_uri_for,
+    runs_uri,
+)
 from lensmill.models import LensClassifier, load_pretrained, save_classifier
 from lensmill.shards import dataset_uri_for, decode_images, read_manifest, read_shards
-from lensmill.storage import (
-    StorageError,
-    absolute_uri,
-    is_s3,
-    join_uri,
-    list_files,
-    locate,
-    read_json,
-    write_json,
-)
+from lensmill.storage import StorageError, is_s3, join_uri, list_files, locate, read_json, write_json
 
-MEMBER_FILE = "model.pt"
-STATE_FILE = "state.pt"
-SUMMARY_FILE = "lensmill_result.json"
-RUN_INFO_FILE = "run_info.json"
-METRICS_FILE = "metrics.json"
-ATTEMPTS_FILE = "attempts.json"
 NORM_SAMPLE_ROWS = 4096
 # A worker keeps its decoded train + val shards in memory when they take at most this many bytes.
 TRAIN_CACHE_MAX_BYTES = 4 * 2**30
@@ -358,7 +356,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                     tracking.log_metrics(cfg, config["mlflow_run_id"], metrics, step=epoch)
             # None ("not resumed") stays in the history; Ray's and Tune's loggers get numbers only.
             reported = {k: v for k, v in metrics.items() if v is not None}
-            ray.train.report(reported, checkpoint=ckpt, checkpoint_dir_name=f"epoch-{epoch:04d}")
+            ray.train.report(reported, checkpoint=ckpt, checkpoint_dir_name=checkpoint_dir_name(epoch))
         if stop:
             break
 
@@ -379,15 +377,6 @@ def norm_stats(dataset_uri: str, cfg: Config, shape: tuple[int, int, int]) -> di
         "norm_mean": stretched.mean(axis=1).tolist(),
         "norm_std": np.maximum(stretched.std(axis=1), 1e-6).tolist(),
     }
-
-
-def run_name_for(cfg: Config) -> str:
-    model = cfg.train.model.replace("timm:", "timm-").replace("/", "-")
-    return f"{cfg.name}-{model}-lr{cfg.train.lr:g}-{cfg.hash()[:8]}"
-
-
-def runs_uri(cfg: Config) -> str:
-    return join_uri(absolute_uri(cfg.storage.root), "runs")
 
 
 def fits_in_memory(cfg: Config, manifest: dict[str, Any]) -> bool:
@@ -413,7 +402,7 @@ def fit(
     from ray.train.torch import TorchTrainer
 
     run_name = run_name or run_name_for(cfg)
-    run_uri = join_uri(runs_uri(cfg), run_name)
+    run_uri = run_uri_for(cfg, run_name)
     try:
         return read_json(join_uri(run_uri, SUMMARY_FILE), cfg.storage)  # finished before: nothing to do
     except StorageError:
@@ -505,12 +494,12 @@ def summarize_run(cfg: Config, run_name: str, stopped_early: bool = False) -> di
     ``stop_reason`` tells that apart from early stopping on validation AUC
     (``train.early_stopping_patience``).
     """
-    run_uri = join_uri(runs_uri(cfg), run_name)
+    run_uri = run_uri_for(cfg, run_name)
     info = read_json(join_uri(run_uri, RUN_INFO_FILE), cfg.storage)
     reports = [
         (uri.rsplit("/", 2)[-2], read_json(uri, cfg.storage))
         for uri in list_files(run_uri, cfg.storage)
-        if uri.endswith(f"/{METRICS_FILE}") and uri.rsplit("/", 2)[-2].startswith("epoch-")
+        if uri.endswith(f"/{METRICS_FILE}") and uri.rsplit("/", 2)[-2].startswith(CHECKPOINT_PREFIX)
     ]
     if not reports:
         raise RuntimeError(f"run {run_name} has no checkpoint under {run_uri}")

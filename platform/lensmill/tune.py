@@ -10,11 +10,19 @@ from typing import Any
 
 from lensmill import tracking
 from lensmill.config import Config
+from lensmill.layout import (
+    SUMMARY_FILE,
+    TUNE_FILE,
+    run_name_for,
+    run_uri_for,
+    runs_uri,
+    stage_run_name,
+    tune_experiment_name,
+    tune_results_uri,
+)
 from lensmill.shards import dataset_uri_for, read_manifest
 from lensmill.storage import StorageError, is_s3, join_uri, locate, read_json, write_json
-from lensmill.train import SUMMARY_FILE, fit, run_name_for, runs_uri, summarize_run
-
-TUNE_FILE = "tune_results.json"
+from lensmill.train import fit, summarize_run
 
 
 def trial_config(base: Config, model: str, lr: float) -> Config:
@@ -34,13 +42,9 @@ def _trial(params: dict[str, Any], base: dict[str, Any], parent_run_id: str) -> 
 def _read_summary(cfg: Config, pair: dict[str, Any]) -> dict[str, Any] | None:
     name = run_name_for(trial_config(cfg, pair["model"], pair["lr"]))
     try:
-        return read_json(join_uri(runs_uri(cfg), name, SUMMARY_FILE), cfg.storage)
+        return read_json(join_uri(run_uri_for(cfg, name), SUMMARY_FILE), cfg.storage)
     except StorageError:
         return None
-
-
-def tune_results_uri(cfg: Config) -> str:
-    return join_uri(runs_uri(cfg), f"{cfg.name}-tune", TUNE_FILE)
 
 
 def tune_architectures(cfg: Config) -> dict[str, Any]:
@@ -53,7 +57,7 @@ def tune_architectures(cfg: Config) -> dict[str, Any]:
     t = cfg.tune
     # Fails here, naming the URI, when the dataset is missing, rather than inside every trial.
     manifest = read_manifest(dataset_uri_for(cfg), cfg.storage)
-    parent = tracking.start_run(cfg, f"{cfg.name}-tune", "tune", manifest["dataset_id"])
+    parent = tracking.start_run(cfg, stage_run_name(cfg, "tune"), "tune", manifest["dataset_id"])
     pairs = [{"model": m, "lr": lr} for m in t.models for lr in t.lrs]
     done = {i: _read_summary(cfg, p) for i, p in enumerate(pairs)}
     # Runs finished before (same config) are not trained again: the search resumes where it stopped.
@@ -80,7 +84,7 @@ def tune_architectures(cfg: Config) -> dict[str, Any]:
                 max_concurrent_trials=t.max_concurrent_trials,
             ),
             run_config=tune.RunConfig(
-                name=f"{cfg.name}-tune-{cfg.hash()[:8]}",
+                name=tune_experiment_name(cfg),
                 storage_path=runs.path,
                 storage_filesystem=runs.filesystem if is_s3(runs.uri) else None,
             ),

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from lensmill.config import Config, load_config
+from lensmill.layout import MANIFEST_FILE
 from lensmill.shards import (
-    MANIFEST,
     DatasetError,
     dataset_id_for,
     dataset_uri_for,
@@ -116,7 +116,7 @@ def test_resume_renders_only_missing_or_broken_shards(
     cfg = tiny_config(str(tmp_path))
     shutil.copytree(Path(dataset_uri_for(cfg_a)), Path(dataset_uri_for(cfg)))
     files = shard_files(cfg)
-    (Path(dataset_uri_for(cfg)) / MANIFEST).unlink()
+    (Path(dataset_uri_for(cfg)) / MANIFEST_FILE).unlink()
     redone = ("train/part-00002.parquet", "test/part-00001.parquet")
     files[redone[0]].unlink()
     # A damaged shard (one byte flipped inside the image pages) is caught by its page checksums.
@@ -172,14 +172,14 @@ def test_s3_round_trip(ray_session: str, s3_endpoint: str) -> None:
             Bucket=bucket
         )["Contents"]
     }
-    assert f"prefix/datasets/{manifest['dataset_id']}/{MANIFEST}" in keys
+    assert f"prefix/datasets/{manifest['dataset_id']}/{MANIFEST_FILE}" in keys
     assert not any(".tmp" in k for k in keys)
 
     # Resume on S3: a lost shard object and no manifest -> only that shard is rendered again.
     s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
     prefix = f"prefix/datasets/{manifest['dataset_id']}"
     s3.delete_object(Bucket=bucket, Key=f"{prefix}/val/part-00001.parquet")
-    s3.delete_object(Bucket=bucket, Key=f"{prefix}/{MANIFEST}")
+    s3.delete_object(Bucket=bucket, Key=f"{prefix}/{MANIFEST_FILE}")
     with pytest.raises(DatasetError, match="incomplete dataset"):
         read_shards(uri, "val", cfg.storage)
     before = {o["Key"]: o["ETag"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]}
@@ -187,7 +187,7 @@ def test_s3_round_trip(ray_session: str, s3_endpoint: str) -> None:
     after = {o["Key"]: o["ETag"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]}
     assert resumed["files"] == manifest["files"] and resumed["splits"] == manifest["splits"]
     assert {k: after[k] for k in before} == before  # intact shards kept as they were
-    assert set(after) - set(before) == {f"{prefix}/val/part-00001.parquet", f"{prefix}/{MANIFEST}"}
+    assert set(after) - set(before) == {f"{prefix}/val/part-00001.parquet", f"{prefix}/{MANIFEST_FILE}"}
 
 
 def test_worker_and_block_counts_do_not_change_a_single_pixel(

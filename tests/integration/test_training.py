@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 
 from lensmill.config import load_config
+from lensmill.layout import ATTEMPTS_FILE, run_name_for, runs_uri
 from lensmill.shards import write_shards
 from lensmill.storage import join_uri, list_files, read_json
-from lensmill.train import ATTEMPTS_FILE, fit, run_name_for, runs_uri, should_stop_early
+from lensmill.train import fit, should_stop_early
 
 # 4 validation images (2 lenses): AUC takes at most 9 values, so early stopping with patience 1
 # must fire within 9 epochs (no strictly rising run is longer).

@@ -13,7 +13,8 @@ import pytest
 
 from lensmill.audit import image_statistics, validate_dataset
 from lensmill.config import StorageConfig
-from lensmill.shards import MANIFEST, DatasetError, shard_to_bytes
+from lensmill.layout import MANIFEST_FILE
+from lensmill.shards import DatasetError, shard_to_bytes
 from lensmill.simulate import PARAM_KEYS
 
 SHAPE = (1, 16, 16)
@@ -63,7 +64,7 @@ def make_dataset(
         "columns": ["image", "label", "split", "row_id", "seed", *PARAM_KEYS],
         "config": {"psf_fwhm_arcsec": 0.7, "theta_e_arcsec": {"min": 0.8, "max": 2.0}},
     }
-    (root / MANIFEST).write_text(json.dumps(manifest))
+    (root / MANIFEST_FILE).write_text(json.dumps(manifest))
     return root
 
 
@@ -162,9 +163,9 @@ def test_imbalance_and_image_size_are_checked(tmp_path: Path) -> None:
     assert report["class_counts"]["train"] == {"positives": 20, "negatives": 60, "ratio": 3.0}
     assert validate_dataset(str(root), ST, max_imbalance=3.0)["ok"]
 
-    manifest = json.loads((root / MANIFEST).read_text())
+    manifest = json.loads((root / MANIFEST_FILE).read_text())
     manifest["image_shape"] = [1, 16, 15]
-    (root / MANIFEST).write_text(json.dumps(manifest))
+    (root / MANIFEST_FILE).write_text(json.dumps(manifest))
     detail = by_name(validate_dataset(str(root), ST))["schema"]["detail"]
     assert "image of row 0 has 1024 bytes; shape [1, 16, 15] float32 needs 960" in detail
 

@@ -1,4 +1,5 @@
-"""lensmill.evaluate: every metric against scikit-learn and by hand; degenerate inputs; PNG plots."""
+"""lensmill.metrics, lensmill.plots and the evaluation stage's report: every metric against
+scikit-learn and by hand; degenerate inputs; PNG plots."""
 
 from __future__ import annotations
 
@@ -12,22 +13,24 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from lensmill.evaluate import (
+from lensmill.evaluate import evaluation_metrics
+from lensmill.metrics import (
     apply_temperature,
     bootstrap_intervals,
     completeness_table,
     compute_metrics,
-    evaluation_metrics,
     expected_calibration_error,
     fit_temperature,
+    reliability_table,
+    tpr_at_max_fp,
+)
+from lensmill.plots import (
     plot_completeness,
     plot_confusion,
     plot_pr,
     plot_reliability,
     plot_roc,
     plot_score_histogram,
-    reliability_table,
-    tpr_at_max_fp,
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -264,9 +267,9 @@ def test_plot_confusion_rejects_metrics_without_a_confusion_matrix(tmp_path: Pat
         plot_confusion({"accuracy": 1.0}, tmp_path / "cm.png")
 
 
-def test_importing_evaluate_loads_neither_matplotlib_nor_ray_nor_mlflow() -> None:
+def test_importing_metrics_and_plots_loads_neither_matplotlib_nor_ray_nor_mlflow() -> None:
     code = (
-        "import sys, lensmill.evaluate; "
+        "import sys, lensmill.metrics, lensmill.plots; "
         "print(sorted(m for m in ('matplotlib', 'ray', 'mlflow', 'sklearn') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -339,7 +342,7 @@ def test_bootstrap_interval_contains_the_point_estimate_and_is_seeded(scored) ->
 
 def test_bootstrap_tpr_rows_match_the_scalar_definition_and_bracket_the_estimate(scored) -> None:
     """Each row of a (B, N) batch is scored as if alone (the hand-made cases above pin the definition)."""
-    from lensmill.evaluate import _tpr_at_max_fp_rows
+    from lensmill.metrics import _tpr_at_max_fp_rows
 
     rng = np.random.default_rng(3)
     # Coarse scores (ties between lenses and non-lenses) and rows with few non-lenses.
@@ -410,7 +413,8 @@ def test_new_plots_write_png_files(scored, tmp_path: Path) -> None:
 def test_wilson_bounds_hold_the_estimate_and_the_plot_draws_when_every_lens_is_found(n, tmp_path) -> None:
     """All found (or none found) in a bin: rounding once put the upper bound a hair below 1 and
     matplotlib refused the negative error bar, which stopped the demo."""
-    from lensmill.evaluate import _wilson, plot_completeness
+    from lensmill.metrics import _wilson
+    from lensmill.plots import plot_completeness
 
     assert _wilson(n, n)[1] == 1.0 and _wilson(n, n)[0] < 1.0
     assert _wilson(0, n)[0] == 0.0 and _wilson(0, n)[1] > 0.0

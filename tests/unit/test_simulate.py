@@ -514,7 +514,7 @@ def test_companions_are_shared_by_both_labels_and_shown() -> None:
 
 
 def _shortcut_auc(sim: SimConfig, n: int) -> float:
-    """ROC AUC of a logistic regression on nuisance statistics (DESIGN 5): total flux, peak pixel,
+    """ROC AUC of a logistic regression on nuisance statistics (the shortcut audit): total flux, peak pixel,
     background std (outer 4-pixel frame), PSF width, lens-light flux; 5-fold cross-validated."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score

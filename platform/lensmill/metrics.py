@@ -1,0 +1,349 @@
+"""Metrics on arrays for binary lens finding: pure numpy/scikit-learn, no Ray, MLflow or config.
+
+Classification metrics (including TPR0/TPR10 of the Bologna lens-finding challenge), calibration
+(expected calibration error, reliability table, temperature scaling ``sigmoid(logit(p) / T)``),
+bootstrap confidence intervals, and completeness (the fraction of lenses found) against a physical
+parameter such as the Einstein radius or the arc signal-to-noise.
+
+Labels are 1 for a lens, 0 for a non-lens; scores are probabilities p(lens) in [0, 1]. Everything
+returned is plain Python ``int``/``float`` (JSON-serialisable).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+CLASS_NAMES: tuple[str, str] = ("non-lens", "lens")
+CONFUSION_KEYS: tuple[str, ...] = ("tn", "fp", "fn", "tp")
+
+
+def check_arrays(labels: Any, probs: Any, *, need_both_classes: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Return (int labels, float probs) as 1-D arrays, or raise ValueError naming the problem."""
+    y = np.asarray(labels)
+    p = np.asarray(probs, dtype=np.float64)
+    if y.ndim != 1 or p.ndim != 1:
+        raise ValueError(f"labels and probs must be 1-D arrays, got shapes {y.shape} and {p.shape}")
+    if y.shape[0] != p.shape[0]:
+        raise ValueError(f"labels and probs have different lengths: {y.shape[0]} != {p.shape[0]}")
+    if y.shape[0] == 0:
+        raise ValueError("labels and probs are empty")
+    if y.dtype == bool:
+        y = y.astype(np.int64)
+    if not np.issubdtype(y.dtype, np.number):
+        raise ValueError(f"labels must be numeric 0/1, got dtype {y.dtype}")
+    bad_labels = sorted({float(v) for v in np.unique(y)} - {0.0, 1.0})
+    if bad_labels:
+        raise ValueError(f"labels must be 0 (non-lens) or 1 (lens); found {bad_labels[:5]}")
+    y = y.astype(np.int64)
+    n_nan = int(np.count_nonzero(~np.isfinite(p)))
+    if n_nan:
+        raise ValueError(f"probs contain {n_nan} NaN/inf value(s)")
+    if p.min() < 0.0 or p.max() > 1.0:
+        raise ValueError(f"probs must lie in [0, 1]; found min {p.min():.6g}, max {p.max():.6g}")
+    if need_both_classes and np.unique(y).size < 2:
+        only = CLASS_NAMES[int(y[0])]
+        raise ValueError(
+            f"labels contain a single class (all {int(y[0])} = {only}): ROC AUC, PR AUC and TPR0/TPR10 "
+            "are undefined; evaluate on a set with both lenses and non-lenses"
+        )
+    return y, p
+
+
+def _ratio(num: int, den: int) -> float:
+    """num / den as a float, 0.0 when den is 0 (scikit-learn's ``zero_division=0`` convention)."""
+    return float(num) / float(den) if den else 0.0
+
+
+def tpr_at_max_fp(labels: Any, probs: Any, max_false_positives: int) -> float:
+    """Highest true-positive rate reached with at most ``max_false_positives`` false positives.
+
+    Objects are called lenses when their score is *strictly above* a threshold. Sort the non-lens
+    scores from highest down, s_1 >= s_2 >= ...; with at most m false positives the lowest usable
+    threshold sits at s_{m+1}, so the result is the fraction of lenses scored strictly above s_{m+1}
+    (1.0 when there are no more than m non-lenses). Ties are counted against the finder: a lens
+    tied with s_{m+1} is not counted, since no threshold separates it from that non-lens.
+    ``max_false_positives=0`` gives TPR0, ``9`` gives TPR10 (see :func:`compute_metrics`).
+    """
+    if int(max_false_positives) != max_false_positives or max_false_positives < 0:
+        raise ValueError(f"max_false_positives must be a non-negative integer, got {max_false_positives!r}")
+    y, p = check_arrays(labels, probs)
+    return float(_tpr_at_max_fp_rows(y[None], p[None], int(max_false_positives))[0])
+
+
+def compute_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> dict[str, Any]:
+    """Classification metrics for lens (1) / non-lens (0) labels and scores p(lens).
+
+    An object is predicted a lens when ``prob >= threshold``. Keys (plain Python numbers):
+
+    - ``accuracy``, ``precision``, ``recall``, ``f1``: scikit-learn at ``threshold``
+      (``zero_division=0``: 0.0 when undefined, e.g. precision with no predicted lenses).
+    - ``roc_auc``: area under the ROC curve; ``pr_auc``: average precision (scikit-learn's
+      ``average_precision_score``, the step-wise area under the precision-recall curve).
+    - ``confusion_matrix``: ``{"tn", "fp", "fn", "tp"}`` counts at ``threshold``.
+    - ``sensitivity`` = tp/(tp+fn) (= recall), ``specificity`` = tn/(tn+fp),
+      ``ppv`` = tp/(tp+fp) (= precision), ``npv`` = tn/(tn+fn); 0.0 when the denominator is 0.
+    - ``tpr0`` and ``tpr10``: the Bologna lens-finding challenge metrics (Metcalf et al. 2019,
+      A&A 625, A119), threshold-free. TPR0 is the highest true-positive rate reached at a threshold
+      that lets through zero false positives: the fraction of lenses scored strictly above the
+      highest-scored non-lens. TPR10 is the same with fewer than ten (at most nine) false positives:
+      the fraction of lenses scored strictly above the tenth-highest non-lens score (1.0 when there
+      are fewer than ten non-lenses). A lens tied with that non-lens does not count: no threshold
+      separates the two. So if the top-scored object is a non-lens, TPR0 = 0.
+    - ``n``, ``n_pos`` (lenses), ``threshold``.
+
+    Raises ValueError when lengths differ, arrays are empty or not 1-D, labels are not 0/1 or hold
+    a single class (AUC undefined), probs are NaN/inf or outside [0, 1], or threshold is not in [0, 1].
+    """
+    from sklearn.metrics import (
+        accuracy_score,
+        average_precision_score,
+        confusion_matrix,
+        f1_score,
+        precision_score,
+        recall_score,
+        roc_auc_score,
+    )
+
+    y, p = check_arrays(labels, probs)
+    threshold = float(threshold)
+    if not np.isfinite(threshold) or not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must lie in [0, 1], got {threshold}")
+    pred = (p >= threshold).astype(np.int64)
+    tn, fp, fn, tp = (int(v) for v in confusion_matrix(y, pred, labels=[0, 1]).ravel())
+    return {
+        "accuracy": float(accuracy_score(y, pred)),
+        "precision": float(precision_score(y, pred, zero_division=0)),
+        "recall": float(recall_score(y, pred, zero_division=0)),
+        "f1": float(f1_score(y, pred, zero_division=0)),
+        "roc_auc": float(roc_auc_score(y, p)),
+        "pr_auc": float(average_precision_score(y, p)),
+        "confusion_matrix": {"tn": tn, "fp": fp, "fn": fn, "tp": tp},
+        "sensitivity": _ratio(tp, tp + fn),
+        "specificity": _ratio(tn, tn + fp),
+        "ppv": _ratio(tp, tp + fp),
+        "npv": _ratio(tn, tn + fn),
+        "tpr0": tpr_at_max_fp(y, p, 0),
+        "tpr10": tpr_at_max_fp(y, p, 9),
+        "n": int(y.size),
+        "n_pos": int(np.count_nonzero(y == 1)),
+        "threshold": threshold,
+    }
+
+
+# -- calibration ------------------------------------------------------------------------------------
+
+# Probabilities are clipped this far from 0 and 1 before taking logits when fitting a temperature.
+_LOGIT_EPS = 1e-7
+
+
+def apply_temperature(probs: Any, temperature: float) -> np.ndarray:
+    """``sigmoid(logit(p) / T)`` elementwise, float64; T = 1 returns the probabilities unchanged.
+
+    Order-preserving, and p = 0.5 stays 0.5. p = 0 and 1 stay 0 and 1 (infinite logits).
+    """
+    p = np.asarray(probs, dtype=np.float64)
+    t = float(temperature)
+    if not np.isfinite(t) or t <= 0:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if t == 1.0:
+        return p.copy()
+    with np.errstate(divide="ignore", over="ignore"):
+        z = (np.log(p) - np.log1p(-p)) / t
+        return 1.0 / (1.0 + np.exp(-z))
+
+
+def fit_temperature(labels: Any, probs: Any, bounds: tuple[float, float] = (0.05, 20.0)) -> float:
+    """The temperature T minimising the log loss of ``sigmoid(logit(p) / T)`` on (labels, probs).
+
+    T > 1 when the scores are over-confident, T < 1 when under-confident. A one-parameter fit on the
+    validation split: it changes no ranking, so it cannot overfit the ordering the weights chose.
+    """
+    from scipy.optimize import minimize_scalar
+
+    y, p = check_arrays(labels, probs, need_both_classes=False)
+    p = np.clip(p, _LOGIT_EPS, 1 - _LOGIT_EPS)
+    z = np.log(p) - np.log1p(-p)  # (N,) logits
+
+    def nll(log_t: float) -> float:
+        s = z / np.exp(log_t)
+        # log(1 + e^s) - y s, computed stably (logaddexp).
+        return float(np.mean(np.logaddexp(0.0, s) - y * s))
+
+    res = minimize_scalar(nll, bounds=(np.log(bounds[0]), np.log(bounds[1])), method="bounded")
+    return float(np.exp(res.x))
+
+
+def reliability_table(labels: Any, probs: Any, n_bins: int = 15) -> list[dict[str, Any]]:
+    """Equal-width bins of p(lens) on [0, 1]: per bin its edges, count, mean p and lens fraction.
+
+    Empty bins are listed with ``n = 0`` and ``None`` means (JSON has no NaN). Bins are half-open
+    ``[lo, hi)`` except the last, which includes p = 1.
+    """
+    y, p = check_arrays(labels, probs, need_both_classes=False)
+    if int(n_bins) != n_bins or n_bins < 1:
+        raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}")
+    edges = np.linspace(0.0, 1.0, int(n_bins) + 1)
+    idx = np.clip(np.digitize(p, edges[1:-1], right=False), 0, int(n_bins) - 1)
+    rows: list[dict[str, float | int]] = []
+    for b in range(int(n_bins)):
+        mask = idx == b
+        n = int(np.count_nonzero(mask))
+        rows.append(
+            {
+                "lo": float(edges[b]),
+                "hi": float(edges[b + 1]),
+                "n": n,
+                "mean_p": float(p[mask].mean()) if n else None,
+                "frac_lens": float(y[mask].mean()) if n else None,
+            }
+        )
+    return rows
+
+
+def expected_calibration_error(labels: Any, probs: Any, n_bins: int = 15) -> float:
+    """ECE of p(lens): sum over equal-width bins of (bin count / N) x |mean p - fraction of lenses|.
+
+    0 for perfectly calibrated scores; a classifier saying 0.9 for objects that are lenses 60% of the
+    time contributes 0.3 x its share of the objects.
+    """
+    y, p = check_arrays(labels, probs, need_both_classes=False)
+    table = reliability_table(y, p, n_bins)
+    return float(sum(r["n"] / y.size * abs(r["mean_p"] - r["frac_lens"]) for r in table if r["n"]))
+
+
+# -- uncertainty and completeness -------------------------------------------------------------------
+
+
+# Bologna challenge metrics: TPR with at most this many false positives (TPR0, TPR10).
+TPR_FP: dict[str, int] = {"tpr0": 0, "tpr10": 9}
+
+
+def _auc_from_ranks(y: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """ROC AUC per row of (B, N) label/score matrices (Mann-Whitney U with mid-ranks for ties);
+    NaN for rows holding a single class."""
+    from scipy.stats import rankdata
+
+    ranks = rankdata(p, axis=1)  # mid-ranks: ties count one half, as in roc_auc_score
+    n_pos = y.sum(axis=1)
+    n_neg = y.shape[1] - n_pos
+    u = (ranks * y).sum(axis=1) - n_pos * (n_pos + 1) / 2.0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where((n_pos > 0) & (n_neg > 0), u / (n_pos * n_neg), np.nan)
+
+
+def _tpr_at_max_fp_rows(y: np.ndarray, p: np.ndarray, m: int) -> np.ndarray:
+    """``tpr_at_max_fp`` per row of (B, N) label/score matrices (the bootstrap scores thousands of
+    resamples at once); NaN for rows without lenses."""
+    neg = np.where(y == 0, p, -np.inf)  # (B, N): lenses pushed below every non-lens score
+    n_neg = (y == 0).sum(axis=1)
+    n_pos = (y == 1).sum(axis=1)
+    # The (m+1)-th highest non-lens score per row: the lowest threshold with at most m false positives.
+    kth = -np.partition(-neg, m, axis=1)[:, m] if neg.shape[1] > m else np.full(len(y), -np.inf)
+    above = ((y == 1) & (p > kth[:, None])).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tpr = np.where(n_pos > 0, above / n_pos, np.nan)
+    return np.where(n_neg <= m, np.where(n_pos > 0, 1.0, np.nan), tpr)
+
+
+def bootstrap_intervals(
+    labels: Any, probs: Any, threshold: float = 0.5, n_samples: int = 1000, seed: int = 0, level: float = 0.95
+) -> dict[str, Any]:
+    """Percentile bootstrap intervals for ROC AUC, accuracy, TPR0 and TPR10 (resampling objects
+    with replacement).
+
+    Returns ``{"roc_auc": {"estimate", "low", "high"}, "accuracy": {...}, "tpr0": {...},
+    "tpr10": {...}, "n_samples", "level", "seed"}``. Resamples holding a single class are left out
+    of the AUC and TPR intervals. Seeded: the same inputs give the same interval. ``n_samples = 0``
+    gives the estimates with ``None`` bounds.
+    """
+    y, p = check_arrays(labels, probs)
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must lie in (0, 1), got {level}")
+    pred = (p >= threshold).astype(np.float64)
+    correct = (pred == y).astype(np.float64)
+    auc_hat = float(_auc_from_ranks(y[None].astype(np.float64), p[None])[0])
+    out: dict[str, Any] = {
+        "roc_auc": {"estimate": auc_hat, "low": None, "high": None},
+        "accuracy": {"estimate": float(correct.mean()), "low": None, "high": None},
+        **{
+            name: {"estimate": tpr_at_max_fp(y, p, m), "low": None, "high": None}
+            for name, m in TPR_FP.items()
+        },
+        "n_samples": int(n_samples),
+        "level": float(level),
+        "seed": int(seed),
+    }
+    if n_samples <= 0:
+        return out
+    rng = np.random.default_rng(seed)
+    n = y.size
+    chunk = max(1, 2_000_000 // n)  # resamples per step: bounded (chunk, N) matrices
+    samples: dict[str, list[np.ndarray]] = {name: [] for name in ("roc_auc", "accuracy", *TPR_FP)}
+    for start in range(0, int(n_samples), chunk):
+        idx = rng.integers(0, n, size=(min(chunk, int(n_samples) - start), n))  # (B, N)
+        yb, pb = y[idx].astype(np.float64), p[idx]
+        samples["roc_auc"].append(_auc_from_ranks(yb, pb))
+        samples["accuracy"].append(correct[idx].mean(axis=1))
+        for name, m in TPR_FP.items():
+            samples[name].append(_tpr_at_max_fp_rows(yb, pb, m))
+    q = [100 * (1 - level) / 2, 100 * (1 + level) / 2]
+    for name, parts in samples.items():
+        values = np.concatenate(parts)
+        values = values[np.isfinite(values)]  # resamples holding a single class
+        if values.size:
+            lo, hi = np.percentile(values, q)
+            out[name].update(low=float(lo), high=float(hi))
+    return out
+
+
+def _wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score 95% interval of a binomial fraction k / n (sensible at 0 and n)."""
+    if n == 0:
+        return 0.0, 1.0
+    f = k / n
+    centre = (f + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(f * (1 - f) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    # At k = 0 or k = n a bound equals f exactly in theory; rounding must not leave f outside.
+    return float(max(0.0, min(f, centre - half))), float(min(1.0, max(f, centre + half)))
+
+
+def completeness_table(
+    labels: Any, probs: Any, values: Any, threshold: float = 0.5, n_bins: int = 6
+) -> list[dict[str, float | int]]:
+    """Completeness (fraction of lenses with p >= threshold) in bins of a lens property (N,).
+
+    Only lenses with a finite value count. Bin edges are quantiles of those values (equal numbers
+    of lenses per bin, so no bin is starved at the tails); fewer bins when values repeat. Each row:
+    ``lo``, ``hi``, ``n_lenses``, ``n_found``, ``completeness`` and its Wilson 95% interval.
+    """
+    y, p = check_arrays(labels, probs, need_both_classes=False)
+    v = np.asarray(values, dtype=np.float64)
+    if v.shape != y.shape:
+        raise ValueError(f"values must have the labels' shape {y.shape}, got {v.shape}")
+    keep = (y == 1) & np.isfinite(v)
+    v, found = v[keep], p[keep] >= threshold
+    if v.size == 0:
+        return []
+    edges = np.unique(np.quantile(v, np.linspace(0.0, 1.0, int(n_bins) + 1)))
+    if edges.size == 1:
+        edges = np.array([edges[0], edges[0]])
+    idx = np.clip(np.searchsorted(edges, v, side="right") - 1, 0, edges.size - 2)
+    rows: list[dict[str, float | int]] = []
+    for b in range(edges.size - 1):
+        mask = idx == b
+        n, k = int(np.count_nonzero(mask)), int(np.count_nonzero(found[mask]))
+        lo, hi = _wilson(k, n)
+        rows.append(
+            {
+                "lo": float(edges[b]),
+                "hi": float(edges[b + 1]),
+                "n_lenses": n,
+                "n_found": k,
+                "completeness": _ratio(k, n),
+                "ci_low": lo,
+                "ci_high": hi,
+            }
+        )
+    return rows
