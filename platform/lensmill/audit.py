@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 
 from lensmill.config import ConfigError, StorageConfig
 from lensmill.layout import shard_uri
+from lensmill.records import DatasetManifest, ShardFile
 from lensmill.shards import SPLITS, read_manifest
 from lensmill.storage import StorageError, absolute_uri, read_bytes
 
@@ -116,10 +117,10 @@ def _univariate_auc(x: np.ndarray, y: np.ndarray) -> float:
 class _Audit:
     """Accumulates findings file by file."""
 
-    def __init__(self, manifest: dict[str, Any]) -> None:
+    def __init__(self, manifest: DatasetManifest) -> None:
         self.manifest = manifest
-        self.shape = tuple(int(s) for s in manifest["image_shape"])
-        self.config = manifest.get("config") or {}
+        self.shape = manifest.image_shape
+        self.config = manifest.config
         self.checksum_errors: list[str] = []
         self.schema_errors: list[str] = []
         self.nonfinite: list[str] = []
@@ -129,31 +130,31 @@ class _Audit:
         self.train_stats: list[dict[str, np.ndarray]] = []
         self.rows_read = 0
 
-    def file(self, entry: dict[str, Any], data: bytes) -> None:
-        path = entry["path"]
-        if "sha256" in entry and hashlib.sha256(data).hexdigest() != entry["sha256"]:
+    def file(self, entry: ShardFile, data: bytes) -> None:
+        path = entry.path
+        if entry.sha256 is not None and hashlib.sha256(data).hexdigest() != entry.sha256:
             self.checksum_errors.append(f"{path}: sha256 differs from the manifest")
-        elif "bytes" in entry and len(data) != entry["bytes"]:
-            self.checksum_errors.append(f"{path}: {len(data)} bytes, manifest says {entry['bytes']}")
+        elif entry.bytes is not None and len(data) != entry.bytes:
+            self.checksum_errors.append(f"{path}: {len(data)} bytes, manifest says {entry.bytes}")
         try:
             table = pq.read_table(io.BytesIO(data))
         except (pa.ArrowException, OSError, ValueError) as exc:
             self.schema_errors.append(f"{path}: not a readable Parquet file ({exc})")
             return
         missing = [
-            c for c in (*REQUIRED_COLUMNS, *self.manifest.get("columns", [])) if c not in table.schema.names
+            c for c in (*REQUIRED_COLUMNS, *(self.manifest.columns or ())) if c not in table.schema.names
         ]
         if missing:
             self.schema_errors.append(f"{path}: missing columns {missing}")
             if any(c in missing for c in REQUIRED_COLUMNS):
                 return
         self.rows_read += table.num_rows
-        if "rows" in entry and table.num_rows != entry["rows"]:
-            self.schema_errors.append(f"{path}: {table.num_rows} rows, manifest says {entry['rows']}")
+        if entry.rows is not None and table.num_rows != entry.rows:
+            self.schema_errors.append(f"{path}: {table.num_rows} rows, manifest says {entry.rows}")
         splits = set(table.column("split").to_pylist())
-        if splits != {entry["split"]}:
+        if splits != {entry.split}:
             self.schema_errors.append(
-                f"{path}: split column holds {sorted(map(str, splits))}, not {entry['split']}"
+                f"{path}: split column holds {sorted(map(str, splits))}, not {entry.split}"
             )
 
         labels = table.column("label").to_numpy(zero_copy_only=False)
@@ -161,9 +162,9 @@ class _Audit:
         if bad_labels.size:
             self.range_errors.append(f"{path}: labels {bad_labels.tolist()} (expected 0 or 1)")
         positives = int((labels == 1).sum())
-        if "positives" in entry and positives != entry["positives"]:
-            self.schema_errors.append(f"{path}: {positives} positives, manifest says {entry['positives']}")
-        c = self.counts.setdefault(entry["split"], [0, 0])
+        if entry.positives is not None and positives != entry.positives:
+            self.schema_errors.append(f"{path}: {positives} positives, manifest says {entry.positives}")
+        c = self.counts.setdefault(entry.split, [0, 0])
         c[0] += int((labels == 0).sum())
         c[1] += positives
 
@@ -177,7 +178,7 @@ class _Audit:
             first = int(np.flatnonzero(~finite)[0])
             self.nonfinite.append(f"{path} row {rows[first] if rows else first}")
         self._ranges(table, labels, path)
-        if entry["split"] == "train":
+        if entry.split == "train":
             stats = image_statistics(images)
             stats["label"] = labels.astype(np.int64)
             for key, col in (("psf_fwhm_arcsec", "psf_fwhm_arcsec"), ("lens_flux", "lens_flux_e_per_s")):
@@ -215,7 +216,7 @@ class _Audit:
             if np.isinf(values).any():
                 self.range_errors.append(f"{path}: {key} holds inf")
             # Imports may know a parameter for some rows only; simulations know it wherever it applies.
-            if self.manifest.get("source") != "import" and key in (*LENS_KEYS, *SOURCE_KEYS):
+            if self.manifest.source != "import" and key in (*LENS_KEYS, *SOURCE_KEYS):
                 applies = np.ones(labels.size, bool) if key in LENS_KEYS else labels == 1
                 n = int((~np.isfinite(values[applies])).sum())
                 if n:
@@ -262,14 +263,14 @@ def validate_dataset(
     manifest = read_manifest(uri, storage)
     audit = _Audit(manifest)
     missing_files = []
-    for entry in manifest["files"]:
+    for entry in manifest.files:
         try:
-            data = read_bytes(shard_uri(uri, entry["path"]), storage)
+            data = read_bytes(shard_uri(uri, entry.path), storage)
         except StorageError:
-            missing_files.append(entry["path"])
+            missing_files.append(entry.path)
             continue
         audit.file(entry, data)
-    log.info("read %d rows in %d files of %s", audit.rows_read, len(manifest["files"]), uri)
+    log.info("read %d rows in %d files of %s", audit.rows_read, len(manifest.files), uri)
 
     checks = []
     problems = [f"{p}: missing" for p in missing_files] + audit.checksum_errors
@@ -277,15 +278,15 @@ def validate_dataset(
         _check(
             "checksums",
             not problems,
-            f"{len(manifest['files']) - len(problems)}/{len(manifest['files'])} files match the manifest"
+            f"{len(manifest.files) - len(problems)}/{len(manifest.files)} files match the manifest"
             + (f"; {_some(problems)}" if problems else ""),
         )
     )
 
     schema = list(audit.schema_errors)
-    for split, counts in manifest["splits"].items():
+    for split, counts in manifest.splits.items():
         got = audit.counts.get(split, [0, 0])
-        want = [counts.get("negatives", counts["rows"] - counts.get("positives", 0)), counts.get("positives")]
+        want = [counts.negatives, counts.positives]
         if got != want and not missing_files:
             schema.append(
                 f"split {split}: {got[1]} positives / {got[0]} negatives, manifest says {want[1]} / {want[0]}"
@@ -360,8 +361,8 @@ def validate_dataset(
     return {
         "ok": ok,
         "dataset_uri": uri,
-        "dataset_id": manifest["dataset_id"],
-        "source": manifest.get("source", "simulate"),
+        "dataset_id": manifest.dataset_id,
+        "source": manifest.source,
         "image_shape": list(audit.shape),
         "rows": audit.rows_read,
         "class_counts": ratios,

@@ -18,6 +18,7 @@ from typing import Annotated, Any
 
 import numpy as np
 import typer
+from pydantic import BaseModel
 
 from lensmill.config import Config, ConfigError, load_config
 
@@ -46,6 +47,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _json_default(obj: Any) -> Any:
+    if isinstance(obj, BaseModel):
+        return obj.model_dump(mode="json")
     if isinstance(obj, np.generic):
         return obj.item()
     if isinstance(obj, np.ndarray):
@@ -60,7 +63,10 @@ def emit(summary: dict[str, Any]) -> None:
 
 
 def run_command(
-    config: Path | None, overrides: list[str] | None, fn: Callable[[Config], dict[str, Any]], ray: bool = True
+    config: Path | None,
+    overrides: list[str] | None,
+    fn: Callable[[Config], dict[str, Any] | BaseModel],
+    ray: bool = True,
 ) -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
     t0 = time.perf_counter()
@@ -78,6 +84,8 @@ def run_command(
         logging.getLogger("lensmill").exception("unexpected error (a bug: please report the traceback above)")
         emit({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
         raise typer.Exit(1) from None
+    if isinstance(out, BaseModel):
+        out = out.model_dump(mode="json")
     emit({**out, "wall_s": round(time.perf_counter() - t0, 1)})
 
 
@@ -88,7 +96,7 @@ def simulate(config: ConfigPath = None, overrides: Overrides = None) -> None:
 
     def fn(cfg: Config) -> dict[str, Any]:
         m = write_shards(cfg)
-        return {"dataset_uri": dataset_uri_for(cfg), "dataset_id": m["dataset_id"], "splits": m["splits"]}
+        return {"dataset_uri": dataset_uri_for(cfg), "dataset_id": m.dataset_id, "splits": m.splits}
 
     run_command(config, overrides, fn)
 
@@ -204,19 +212,19 @@ def import_cmd(
     from lensmill.importer import import_cutouts
 
     def fn(cfg: Config) -> dict[str, Any]:
-        m = import_cutouts(
+        uri, m = import_cutouts(
             src, out, cfg.storage, labels_csv=labels_csv, val_fraction=val_fraction,
             test_fraction=test_fraction, seed=cfg.sim.seed if seed is None else seed,
             rows_per_shard=cfg.sim.rows_per_shard, pixel_scale_arcsec=pixel_scale,
             bands=[b.strip() for b in bands.split(",")] if bands else None,
         )  # fmt: skip
         return {
-            "dataset_uri": m["dataset_uri"],
-            "dataset_id": m["dataset_id"],
-            "image_shape": m["image_shape"],
-            "splits": m["splits"],
-            "files": len(m["files"]),
-            "inputs": m["inputs"]["count"],
+            "dataset_uri": uri,
+            "dataset_id": m.dataset_id,
+            "image_shape": m.image_shape,
+            "splits": m.splits,
+            "files": len(m.files),
+            "inputs": m.inputs.count if m.inputs else None,
         }
 
     run_command(config, overrides, fn, ray=False)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,17 +24,18 @@ from lensmill.layout import ensemble_result_uri, stage_run_name
 from lensmill.metrics import apply_temperature, expected_calibration_error, fit_temperature
 from lensmill.models import load_classifier
 from lensmill.predict import EnsemblePredictor, Member
+from lensmill.records import TrialResult
 from lensmill.shards import load_split
 from lensmill.storage import download_dir, is_s3, write_json
 from lensmill.tune import load_tune_results
 
 
-def select_members(trials: list[dict[str, Any]], max_members: int) -> list[dict[str, Any]]:
+def select_members(trials: Sequence[TrialResult], max_members: int) -> list[TrialResult]:
     """Best usable trial of each architecture first (diversity), then the next best overall."""
-    usable = sorted((t for t in trials if t.get("usable")), key=lambda t: -t["val_auc"])
-    firsts: dict[str, dict[str, Any]] = {}
+    usable = sorted((t for t in trials if t.usable), key=lambda t: -t.val_auc)
+    firsts: dict[str, TrialResult] = {}
     for t in usable:
-        firsts.setdefault(t["model"], t)
+        firsts.setdefault(t.model, t)
     rest = [t for t in usable if t not in firsts.values()]
     return (list(firsts.values()) + rest)[:max_members]
 
@@ -64,22 +66,22 @@ def _member_dir(cfg: Config, checkpoint_uri: str, dst: Path) -> Path:
 
 def build_ensemble(cfg: Config) -> dict[str, Any]:
     """Select members from the tune results, weight them on validation, register ``@champion``."""
-    trials = load_tune_results(cfg)["trials"]
-    chosen = select_members(trials, cfg.ensemble.max_members)
+    trials = load_tune_results(cfg).trials
+    chosen = [t.summary for t in select_members(trials, cfg.ensemble.max_members) if t.summary]
     if not chosen:
         raise RuntimeError("no usable trials to build an ensemble from")
-    dataset_uri = chosen[0]["dataset_uri"]
+    dataset_uri = chosen[0].dataset_uri
     images, labels, _ = load_split(dataset_uri, "val", cfg.storage)
     with tempfile.TemporaryDirectory() as tmp:
         members = []
         for i, t in enumerate(chosen):
-            d = _member_dir(cfg, t["checkpoint_uri"], Path(tmp) / f"ckpt-{i}")
-            model, meta = load_classifier(d / t["member_file"])
+            d = _member_dir(cfg, t.checkpoint_uri, Path(tmp) / f"ckpt-{i}")
+            model, meta = load_classifier(d / t.member_file)
             members.append(
-                Member(name=f"{t['model']}@lr{t['lr']:g}", model=model, weight=1.0 / len(chosen), meta=meta)
+                Member(name=f"{t.model}@lr{t.lr:g}", model=model, weight=1.0 / len(chosen), meta=meta)
             )
         shape = tuple(int(s) for s in images.shape[1:])
-        info = {"dataset_id": chosen[0]["dataset_id"], "config_hash": cfg.hash()}
+        info = {"dataset_id": chosen[0].dataset_id, "config_hash": cfg.hash()}
         equal = EnsemblePredictor(members, shape, cfg.ensemble.threshold, info)
         probs = equal.member_probabilities(images)  # (N, M), computed once
         weights, val_auc = search_weights(probs, labels, cfg.ensemble.weight_step)
@@ -116,11 +118,11 @@ def build_ensemble(cfg: Config) -> dict[str, Any]:
         "members": [
             {
                 "name": m.name,
-                "model": t["model"],
-                "lr": t["lr"],
+                "model": t.model,
+                "lr": t.lr,
                 "val_auc": a,
                 "weight": float(w),
-                "mlflow_run_id": t["mlflow_run_id"],
+                "mlflow_run_id": t.mlflow_run_id,
             }
             for m, t, a, w in zip(members, chosen, member_aucs, weights, strict=True)
         ],

@@ -26,23 +26,23 @@ import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from lensmill.config import StorageConfig, stable_hash
 from lensmill.layout import dataset_uri, manifest_uri, shard_path, shard_uri
+from lensmill.records import SHARD_FORMAT_VERSION, DatasetManifest, ImportInputs, ShardFile, SplitCounts
 from lensmill.shards import (
-    FORMAT_VERSION,
     SPLITS,
     DatasetError,
     read_manifest,
     shard_to_bytes,
     software_versions,
+    write_manifest,
 )
 from lensmill.simulate import PARAM_KEYS
-from lensmill.storage import absolute_uri, ensure_writable, exists, write_bytes, write_json
+from lensmill.storage import absolute_uri, ensure_writable, exists, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -282,9 +282,9 @@ def import_cutouts(
     rows_per_shard: int = 500,
     pixel_scale_arcsec: float | None = None,
     bands: list[str] | None = None,
-) -> dict[str, Any]:
+) -> tuple[str, DatasetManifest]:
     """Write the cutouts under ``src_dir`` as shards + manifest at ``out_uri`` (default:
-    ``{storage.root}/datasets/{dataset_id}``); returns the manifest plus ``dataset_uri``.
+    ``{storage.root}/datasets/{dataset_id}``); returns the dataset URI and its manifest.
 
     Importing the same inputs again into the same URI is a no-op; a URI that holds another dataset
     is refused rather than mixed with this one.
@@ -324,41 +324,38 @@ def import_cutouts(
             "inputs": [[it.rel, it.label, d, list(it.params)] for it, d in zip(items, digests, strict=True)],
             "split": options,
             "rows_per_shard": rows_per_shard,
-            "format_version": FORMAT_VERSION,
+            "format_version": SHARD_FORMAT_VERSION,
         }
     )
     uri = dataset_uri(storage.root, dataset_id) if out_uri is None else absolute_uri(out_uri)
     if exists(manifest_uri(uri), storage):
         old = read_manifest(uri, storage)
-        if old["dataset_id"] == dataset_id:
+        if old.dataset_id == dataset_id:
             log.info("dataset %s already holds this import: nothing to do", uri)
-            return {**old, "dataset_uri": uri}
+            return uri, old
         raise CutoutImportError(
-            f"{uri} already holds dataset {old['dataset_id']} (not this import, {dataset_id}); "
+            f"{uri} already holds dataset {old.dataset_id} (not this import, {dataset_id}); "
             "choose another --out"
         )
     ensure_writable(uri, storage)
 
     # Rows within a split in a seeded random order, so that every shard mixes the classes.
     rng = np.random.default_rng([seed, 0x5B1F])
-    entries, counts = [], {}
+    files: list[ShardFile] = []
+    counts: dict[str, SplitCounts] = {}
     for split in SPLITS:
         idx = np.flatnonzero(splits == split)
         idx = idx[rng.permutation(idx.size)]
         if idx.size == 0:
             continue
-        counts[split] = {
-            "rows": int(idx.size),
-            "positives": int(labels[idx].sum()),
-            "negatives": int(idx.size - labels[idx].sum()),
-        }
+        counts[split] = SplitCounts(rows=int(idx.size), positives=int(labels[idx].sum()))
         for index, start in enumerate(range(0, idx.size, rows_per_shard)):
             chunk = [items[i] for i in idx[start : start + rows_per_shard]]
             images = [read_image(it.path) for it in chunk]  # pass 2: decode only one shard at a time
             table = _table(chunk, images, split, start, seed)
             description = {
                 "dataset_id": dataset_id,
-                "format_version": FORMAT_VERSION,
+                "format_version": SHARD_FORMAT_VERSION,
                 "split": split,
                 "index": index,
                 "row_start": start,
@@ -367,42 +364,40 @@ def import_cutouts(
             data = shard_to_bytes(table, description)
             path = shard_path(split, index)
             write_bytes(shard_uri(uri, path), data, storage)
-            entries.append(
-                {
-                    "path": path,
-                    "split": split,
-                    "rows": len(chunk),
-                    "positives": int(sum(it.label for it in chunk)),
-                    "bytes": len(data),
-                    "sha256": hashlib.sha256(data).hexdigest(),
-                }
+            files.append(
+                ShardFile(
+                    path=path,
+                    split=split,
+                    rows=len(chunk),
+                    positives=int(sum(it.label for it in chunk)),
+                    bytes=len(data),
+                    sha256=hashlib.sha256(data).hexdigest(),
+                )
             )
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "dataset_id": dataset_id,
-        "source": "import",
-        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "image_shape": list(shape),
-        "image_dtype": "float32",
-        "image_unit": "as stored in the input files",
-        "bands": list(bands) if bands else _default_bands(items, shape[0]),
-        "pixel_scale_arcsec": pixel_scale_arcsec,
-        "columns": ["image", "label", "split", "row_id", "seed", *PARAM_KEYS, "source_path"],
-        "splits": counts,
-        "files": entries,
-        "config": {
+    manifest = DatasetManifest(
+        dataset_id=dataset_id,
+        source="import",
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        image_shape=shape,
+        image_unit="as stored in the input files",
+        bands=tuple(bands) if bands else tuple(_default_bands(items, shape[0])),
+        pixel_scale_arcsec=pixel_scale_arcsec,
+        columns=("image", "label", "split", "row_id", "seed", *PARAM_KEYS, "source_path"),
+        splits=counts,
+        files=tuple(files),
+        config={
             "source_dir": str(src),
             "labels_csv": str(labels_csv) if labels_csv else None,
             "rows_per_shard": rows_per_shard,
             **options,
         },
-        "inputs": {
-            "count": len(items),
-            "sha256": hashlib.sha256("\n".join(digests).encode()).hexdigest(),
-            "kinds": sorted({SUFFIXES[it.path.suffix.lower()] for it in items}),
-        },
-        "versions": software_versions(),
-    }
-    write_json(manifest_uri(uri), manifest, storage)
-    log.info("imported %d cutouts %s into %s (%d shards)", len(items), list(shape), uri, len(entries))
-    return {**manifest, "dataset_uri": uri}
+        inputs=ImportInputs(
+            count=len(items),
+            sha256=hashlib.sha256("\n".join(digests).encode()).hexdigest(),
+            kinds=tuple(sorted({SUFFIXES[it.path.suffix.lower()] for it in items})),
+        ),
+        versions=software_versions(),
+    )
+    write_manifest(uri, manifest, storage)
+    log.info("imported %d cutouts %s into %s (%d shards)", len(items), list(shape), uri, len(files))
+    return uri, manifest

@@ -16,14 +16,12 @@ import numpy as np
 from lensmill.config import Config
 from lensmill.ensemble import build_ensemble
 from lensmill.evaluate import evaluate
+from lensmill.records import TrialResult
 from lensmill.serve import start_endpoint, stop_endpoint
 from lensmill.shards import load_split, write_shards
 from lensmill.tune import tune_architectures
 
 log = logging.getLogger("lensmill")
-
-# What the summary tells of each tune trial.
-_TRIAL_KEYS = ("model", "lr", "run_name", "val_auc", "epochs_run", "stopped_early", "usable", "error")
 
 
 def pick_queries(labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
@@ -46,6 +44,15 @@ def query_endpoint(url: str, images: np.ndarray, labels: np.ndarray) -> list[dic
         {"p_lens": round(a["p_lens"], 4), "label": a["label"], "true_label": int(y)}
         for a, y in zip(answers, labels, strict=True)
     ]
+
+
+def describe_trial(trial: TrialResult) -> dict[str, Any]:
+    """What the pipeline's summary tells of one tune trial."""
+    out: dict[str, Any] = {"model": trial.model, "lr": trial.lr, "run_name": trial.run_name}
+    if trial.summary is not None:
+        s = trial.summary
+        out |= {"val_auc": s.val_auc, "epochs_run": s.epochs_run, "stopped_early": s.stopped_early}
+    return out | {"usable": trial.usable, "error": trial.error}
 
 
 def run_pipeline(cfg: Config, n_queries: int = 8, keep_serving: bool = False) -> dict[str, Any]:
@@ -75,9 +82,9 @@ def run_pipeline(cfg: Config, n_queries: int = 8, keep_serving: bool = False) ->
             stop_endpoint()
     return {
         "dataset_uri": ens["dataset_uri"],
-        "dataset_id": manifest["dataset_id"],
-        "n_images": sum(s["rows"] for s in manifest["splits"].values()),
-        "trials": [{k: t[k] for k in _TRIAL_KEYS if k in t} for t in tuned["trials"]],
+        "dataset_id": manifest.dataset_id,
+        "n_images": manifest.total_rows,
+        "trials": [describe_trial(t) for t in tuned.trials],
         "members": [{"model": m["model"], "lr": m["lr"], "val_auc": m["val_auc"]} for m in ens["members"]],
         "ensemble_weights": ens["ensemble_weights"],
         "ensemble_val_auc": ens["val_auc"],

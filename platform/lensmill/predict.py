@@ -15,9 +15,10 @@ the weighted mean ``p`` of the members' probabilities. T > 1 softens over-confid
 the ranking (ROC AUC, TPR0/10) and the p = 0.5 point, so serving and evaluation share one calibrated
 ``p_lens``.
 
-Top-level keys other than ``format_version``, ``image_shape``, ``threshold``, ``temperature`` and
-``members`` (such as ``dataset_id``) are kept in ``EnsemblePredictor.info``; member keys other than
-``name``, ``weight`` and ``file`` are kept in ``Member.meta``.
+The file is a ``records.EnsembleManifest``. Top-level keys other than ``format_version``,
+``image_shape``, ``threshold``, ``temperature`` and ``members`` (such as ``dataset_id``) are kept in
+``EnsemblePredictor.info``; member keys other than ``name``, ``weight`` and ``file`` are kept in
+``Member.meta``.
 """
 
 from __future__ import annotations
@@ -32,12 +33,19 @@ from typing import Any
 import numpy as np
 import torch
 
+from lensmill.config import StorageConfig
 from lensmill.metrics import apply_temperature
 from lensmill.models import LensClassifier, load_classifier, save_classifier
+from lensmill.records import (
+    ENSEMBLE_FORMAT_VERSION,
+    EnsembleManifest,
+    EnsembleMemberEntry,
+    RecordError,
+    parse_record,
+    write_record,
+)
 
-FORMAT_VERSION = 1
 MANIFEST = "ensemble.json"
-_RESERVED_KEYS = ("format_version", "image_shape", "threshold", "temperature", "members")
 # Member keys that save() writes itself, or that the member file already holds (save_classifier).
 _MEMBER_FILE_KEYS = ("name", "weight", "file", "model", "in_chans", "norm_mean", "norm_std", "state_dict")
 
@@ -51,7 +59,12 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"{type(obj).__name__} in ensemble metadata is not JSON serialisable")
 
 
-class EnsembleArtifactError(ValueError):
+def _plain(meta: dict[str, Any]) -> dict[str, Any]:
+    """Metadata as plain JSON values (numpy scalars, paths), as ensemble.json will hold them."""
+    return json.loads(json.dumps(meta, default=_json_default))
+
+
+class EnsembleArtifactError(RecordError):
     """An ensemble directory that cannot be read; the message names the path and what was wrong."""
 
 
@@ -273,22 +286,22 @@ class EnsemblePredictor:
             save_classifier(member.model, dir / file)
             meta = {k: v for k, v in member.meta.items() if k not in _MEMBER_FILE_KEYS}
             entries.append(
-                {"name": member.name, "model": member.model.model_name, "weight": float(weight), "file": file}
-                | meta
-            )
-        info = {k: v for k, v in self._info.items() if k not in _RESERVED_KEYS}
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "image_shape": list(self._image_shape),
-            "threshold": self._threshold,
-            "temperature": self._temperature,
-            **info,
-            "members": entries,
-        }
+                EnsembleMemberEntry(
+                    name=member.name, weight=float(weight), file=file, model=member.model.model_name,
+                    **_plain(meta),
+                )
+            )  # fmt: skip
+        info = {k: v for k, v in self._info.items() if k not in EnsembleManifest.model_fields}
+        manifest = EnsembleManifest(
+            format_version=ENSEMBLE_FORMAT_VERSION,
+            image_shape=self._image_shape,
+            threshold=self._threshold,
+            temperature=self._temperature,
+            members=tuple(entries),
+            **_plain(info),
+        )
         # Written last (and atomically) so that a directory with an ensemble.json is complete.
-        tmp = dir / (MANIFEST + ".tmp")
-        tmp.write_text(json.dumps(manifest, indent=2, default=_json_default) + "\n")
-        tmp.replace(dir / MANIFEST)
+        write_record(str(dir / MANIFEST), manifest, StorageConfig())
         return dir
 
     @classmethod
@@ -299,68 +312,32 @@ class EnsemblePredictor:
         if not path.is_file():
             raise EnsembleNotFoundError(f"no {MANIFEST} in {dir}: not an ensemble directory")
         try:
-            manifest = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise EnsembleArtifactError(f"{path} is not valid JSON: {exc}") from None
-
-        def bad(what: str) -> EnsembleArtifactError:
-            return EnsembleArtifactError(f"{path}: {what}")
-
-        if not isinstance(manifest, dict):
-            raise bad("must hold a JSON object")
-        version = manifest.get("format_version")
-        if version != FORMAT_VERSION:
-            raise bad(f"format_version {version!r} is not supported (expected {FORMAT_VERSION})")
-        shape = manifest.get("image_shape")
-        if not (
-            isinstance(shape, list) and len(shape) == 3 and all(isinstance(s, int) and s > 0 for s in shape)
-        ):
-            raise bad(f"image_shape must be [C, H, W] positive integers, got {shape!r}")
-        threshold = manifest.get("threshold", 0.5)
-        if not isinstance(threshold, int | float) or not 0 < threshold < 1:
-            raise bad(f"threshold must be a number in (0, 1), got {threshold!r}")
-        # Artifacts from before calibration have no temperature: they score as they always did.
-        temperature = manifest.get("temperature", 1.0)
-        if (
-            isinstance(temperature, bool)
-            or not isinstance(temperature, int | float)
-            or not math.isfinite(temperature)
-            or temperature <= 0
-        ):
-            raise bad(f"temperature must be a number > 0, got {temperature!r}")
-        entries = manifest.get("members")
-        if not isinstance(entries, list) or not entries:
-            raise bad("members must be a non-empty list")
+            manifest = parse_record(EnsembleManifest, path.read_bytes(), str(path))
+        except RecordError as exc:
+            raise EnsembleArtifactError(str(exc)) from None
+        except OSError as exc:
+            raise EnsembleArtifactError(f"{path} cannot be read: {exc}") from None
 
         members = []
-        for i, entry in enumerate(entries):
-            if not isinstance(entry, dict):
-                raise bad(f"members[{i}] must be an object")
-            missing = [k for k in ("name", "weight", "file") if k not in entry]
-            if missing:
-                raise bad(f"members[{i}] lacks {missing}")
-            weight = entry["weight"]
-            if not isinstance(weight, int | float) or not math.isfinite(weight) or weight < 0:
-                raise bad(f"members[{i}].weight must be a number >= 0, got {weight!r}")
-            file = dir / str(entry["file"])
+        for i, entry in enumerate(manifest.members):
+            file = dir / entry.file
             if not file.is_file():
-                raise bad(f"members[{i}] file {file} does not exist")
+                raise EnsembleArtifactError(f"{path}: members[{i}] file {file} does not exist")
             try:
                 model, _saved_meta = load_classifier(file)
             except Exception as exc:  # torch raises many types for a damaged file
-                raise bad(f"members[{i}] file {file} could not be loaded: {exc}") from exc
-            meta = {k: v for k, v in entry.items() if k not in ("name", "weight", "file")}
-            members.append(Member(name=str(entry["name"]), model=model, weight=float(weight), meta=meta))
-
-        info = {k: v for k, v in manifest.items() if k not in _RESERVED_KEYS}
+                raise EnsembleArtifactError(
+                    f"{path}: members[{i}] file {file} could not be loaded: {exc}"
+                ) from exc
+            members.append(Member(name=entry.name, model=model, weight=entry.weight, meta=entry.meta))
         try:
             return cls(
                 members,
-                shape,
-                threshold=float(threshold),
-                info=info,
+                manifest.image_shape,
+                threshold=manifest.threshold,
+                info=manifest.info,
                 batch_size=batch_size,
-                temperature=float(temperature),
+                temperature=manifest.temperature,
             )
         except ValueError as exc:
-            raise bad(str(exc)) from None
+            raise EnsembleArtifactError(f"{path}: {exc}") from None

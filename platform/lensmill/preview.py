@@ -22,7 +22,8 @@ import pyarrow.parquet as pq
 
 from lensmill.config import Config, StorageConfig
 from lensmill.layout import shard_uri
-from lensmill.shards import DatasetError, decode_images, read_manifest
+from lensmill.records import DatasetManifest
+from lensmill.shards import decode_images, read_manifest, split_files
 from lensmill.storage import absolute_uri, is_s3, read_bytes
 
 log = logging.getLogger(__name__)
@@ -80,20 +81,18 @@ def rgb_channels(bands: list[str]) -> list[int] | None:
 
 def _sample_rows(
     dataset_uri: str,
-    manifest: dict[str, Any],
+    manifest: DatasetManifest,
     split: str,
     n_per_class: int,
     storage: StorageConfig,
     seed: int,
 ) -> tuple[np.ndarray, np.ndarray, pa.Table]:
     """Read shards of ``split`` until a few times ``n_per_class`` of each class, then sample."""
-    files = [f for f in manifest["files"] if f["split"] == split]
-    if not files:
-        raise DatasetError(f"dataset {dataset_uri} has no split {split!r}; it has {list(manifest['splits'])}")
+    files = split_files(manifest, dataset_uri, split)
     rng = np.random.default_rng(seed)
     tables, counts = [], np.zeros(2, int)
     for i in rng.permutation(len(files)):  # shards in random order: not always the first rows
-        data = read_bytes(shard_uri(dataset_uri, files[i]["path"]), storage)
+        data = read_bytes(shard_uri(dataset_uri, files[i].path), storage)
         table = pq.read_table(io.BytesIO(data)).replace_schema_metadata(None)
         tables.append(table)
         y = table.column("label").to_numpy()
@@ -108,7 +107,7 @@ def _sample_rows(
     ]
     idx = np.concatenate(picks).astype(int)
     sub = table.take(pa.array(idx))
-    images = decode_images(sub.column("image"), tuple(manifest["image_shape"]))
+    images = decode_images(sub.column("image"), manifest.image_shape)
     return images, labels[idx], sub
 
 
@@ -138,7 +137,7 @@ def render_preview(
     uri = absolute_uri(dataset_uri)
     manifest = read_manifest(uri, storage)
     images, labels, table = _sample_rows(uri, manifest, split, n_per_class, storage, seed)
-    bands = list(manifest.get("bands") or [f"band{c}" for c in range(images.shape[1])])
+    bands = list(manifest.bands or [f"band{c}" for c in range(images.shape[1])])
     channels = rgb_channels(bands)
     panels = 1 if channels else images.shape[1]
     # The grid fits what was found (a small split may hold fewer than n_per_class of a class).
@@ -152,7 +151,7 @@ def render_preview(
     FigureCanvasAgg(fig)
     view = f"RGB = {', '.join(bands[i] for i in channels)}" if channels else f"bands {', '.join(bands)}"
     fig.suptitle(
-        f"{manifest['dataset_id']} — {split} split, asinh stretch, {view}, "
+        f"{manifest.dataset_id} — {split} split, asinh stretch, {view}, "
         f"{images.shape[2]}×{images.shape[3]} px",
         fontsize=9,
     )
@@ -182,7 +181,7 @@ def render_preview(
     return {
         "png": str(out_path),
         "dataset_uri": uri,
-        "dataset_id": manifest["dataset_id"],
+        "dataset_id": manifest.dataset_id,
         "split": split,
         "lenses": int((labels == 1).sum()),
         "non_lenses": int((labels == 0).sum()),
@@ -212,12 +211,12 @@ def preview(
 
     uri = absolute_uri(dataset_uri)
     manifest = read_manifest(uri, cfg.storage)
-    out = Path(out_path) if out_path else default_out_path(uri, manifest["dataset_id"], split)
+    out = Path(out_path) if out_path else default_out_path(uri, manifest.dataset_id, split)
     summary = render_preview(uri, cfg.storage, out, split=split, n_per_class=n_per_class, seed=cfg.sim.seed)
     # Tracking is on with a server URI, or with the sqlite store a local storage root holds.
     if mlflow and (cfg.tracking.tracking_uri or not is_s3(cfg.storage.root)):
         run_id = tracking.start_run(
-            cfg, f"preview-{manifest['dataset_id']}-{split}", "preview", manifest["dataset_id"],
+            cfg, f"preview-{manifest.dataset_id}-{split}", "preview", manifest.dataset_id,
             params={"dataset_uri": uri, "split": split, "n_per_class": n_per_class},
         )  # fmt: skip
         try:

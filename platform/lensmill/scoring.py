@@ -60,13 +60,13 @@ def score_dataset(
 
     dataset_uri = dataset_uri or dataset_uri_for(cfg)
     manifest = read_manifest(dataset_uri, cfg.storage)
-    out_uri = out_uri or predictions_uri(cfg, manifest["dataset_id"], split)
+    out_uri = out_uri or predictions_uri(cfg, manifest.dataset_id, split)
     scored = read_shards(dataset_uri, split, cfg.storage).map_batches(
         EnsembleScorer,
         fn_constructor_kwargs={
             "config": cfg.model_dump(mode="json"),
             "model_dir": str(model_dir.resolve()) if model_dir else None,
-            "image_shape": list(manifest["image_shape"]),
+            "image_shape": list(manifest.image_shape),
         },
         batch_size=256,
         compute=ActorPoolStrategy(min_size=1, max_size=cfg.ray.num_cpus or 2),

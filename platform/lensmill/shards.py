@@ -33,6 +33,15 @@ import pyarrow.parquet as pq
 import lensmill
 from lensmill.config import Config, SimConfig, StorageConfig, stable_hash
 from lensmill.layout import MANIFEST_FILE, dataset_uri, manifest_uri, shard_path, shard_uri
+from lensmill.records import (
+    SHARD_FORMAT_VERSION,
+    DatasetManifest,
+    RecordError,
+    ShardFile,
+    SplitCounts,
+    read_record,
+    write_record,
+)
 from lensmill.simulate import PARAM_KEYS, Simulator, label_for, n_positives, row_rng
 from lensmill.storage import (
     StorageError,
@@ -42,15 +51,12 @@ from lensmill.storage import (
     list_files,
     locate,
     read_bytes,
-    read_json,
     write_bytes,
-    write_json,
 )
 
 log = logging.getLogger(__name__)
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
-FORMAT_VERSION = 1
 # Key of the shard description embedded in each Parquet file's schema metadata.
 _SHARD_META_KEY = b"lensmill.shard"
 # Row groups of about this size: large enough for fast scans, small enough to stream.
@@ -84,7 +90,7 @@ def dataset_id_for(sim: SimConfig) -> str:
     return stable_hash(
         {
             "sim": sim.model_dump(mode="json"),
-            "format_version": FORMAT_VERSION,
+            "format_version": SHARD_FORMAT_VERSION,
             # Ray and pyarrow only move bytes around; the pixels depend on these two.
             "versions": {"lensmill": lensmill.__version__, "lenstronomy": lenstronomy.__version__},
         }
@@ -167,7 +173,7 @@ def shard_to_bytes(table: pa.Table, description: dict[str, Any]) -> bytes:
 
 def _shard_description(dataset_id: str, spec: dict[str, Any]) -> dict[str, Any]:
     keys = ("split", "index", "row_start", "rows")
-    return {"dataset_id": dataset_id, "format_version": FORMAT_VERSION, **{k: spec[k] for k in keys}}
+    return {"dataset_id": dataset_id, "format_version": SHARD_FORMAT_VERSION, **{k: spec[k] for k in keys}}
 
 
 def _label_sum(column: pa.ChunkedArray) -> int:
@@ -254,7 +260,7 @@ def _pool_size(n_tasks: int, max_actors: int | None = None) -> int:
     return max(1, min(n_tasks, cpus, max_actors or cpus))
 
 
-def write_shards(cfg: Config, max_actors: int | None = None) -> dict[str, Any]:
+def write_shards(cfg: Config, max_actors: int | None = None) -> DatasetManifest:
     """Render the dataset of ``cfg`` with Ray Data (Ray must be initialised); its manifest.
 
     Resumable: an existing manifest is returned as is; otherwise intact shards are kept and only the
@@ -299,59 +305,61 @@ def write_shards(cfg: Config, max_actors: int | None = None) -> dict[str, Any]:
         raise DatasetError(f"expected {len(specs)} shards under {uri}, got {len(entries)}")
 
     manifest = _build_manifest(sim, dataset_id, entries)
-    write_json(manifest_uri(uri), manifest, storage)
+    write_manifest(uri, manifest, storage)
     rendered = sum(e["rendered"] for e in entries)
     log.info("dataset %s written: %d shards rendered, %d kept", uri, rendered, len(entries) - rendered)
     return manifest
 
 
-def _build_manifest(sim: SimConfig, dataset_id: str, entries: list[dict[str, Any]]) -> dict[str, Any]:
+def _build_manifest(sim: SimConfig, dataset_id: str, entries: list[dict[str, Any]]) -> DatasetManifest:
     splits = {}
     for split in SPLITS:
         rows = sum(e["rows"] for e in entries if e["split"] == split)
         pos = sum(e["positives"] for e in entries if e["split"] == split)
         if rows != split_rows(sim, split) or pos != n_positives(rows, sim.positive_fraction):
             raise DatasetError(f"split {split}: {rows} rows / {pos} positives do not match the config")
-        splits[split] = {"rows": rows, "positives": pos, "negatives": rows - pos}
+        splits[split] = SplitCounts(rows=rows, positives=pos)
     keys = ("path", "split", "rows", "positives", "bytes", "sha256")
-    return {
-        "format_version": FORMAT_VERSION,
-        "dataset_id": dataset_id,
-        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "image_shape": [len(sim.bands), sim.image_size_px, sim.image_size_px],
-        "image_dtype": "float32",
-        "image_unit": "e-/s per pixel, sky subtracted",
-        "bands": list(sim.bands),
-        "pixel_scale_arcsec": sim.pixel_scale_arcsec,
-        "columns": ["image", "label", "split", "row_id", "seed", *PARAM_KEYS],
-        "splits": splits,
-        "files": [{k: e[k] for k in keys} for e in entries],
-        "config": sim.model_dump(mode="json"),
-        "versions": software_versions(),
-    }
+    return DatasetManifest(
+        dataset_id=dataset_id,
+        source="simulate",
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        image_shape=(len(sim.bands), sim.image_size_px, sim.image_size_px),
+        image_unit="e-/s per pixel, sky subtracted",
+        bands=tuple(sim.bands),
+        pixel_scale_arcsec=sim.pixel_scale_arcsec,
+        columns=("image", "label", "split", "row_id", "seed", *PARAM_KEYS),
+        splits=splits,
+        files=tuple(ShardFile(**{k: e[k] for k in keys}) for e in entries),
+        config=sim.model_dump(mode="json"),
+        versions=software_versions(),
+    )
 
 
-def read_manifest(dataset_uri: str, storage: StorageConfig) -> dict[str, Any]:
-    """The manifest of a complete dataset; ``DatasetError`` when there is none (incomplete dataset)."""
+def write_manifest(dataset_uri: str, manifest: DatasetManifest, storage: StorageConfig) -> None:
+    """The one writer of ``manifest.json`` (simulated and imported datasets): last, atomically."""
+    write_record(manifest_uri(dataset_uri), manifest, storage)
+
+
+def read_manifest(dataset_uri: str, storage: StorageConfig) -> DatasetManifest:
+    """The manifest of a complete dataset; ``DatasetError`` when there is none (incomplete dataset)
+    or it is not a manifest (the message names the URI and the field)."""
     uri = manifest_uri(dataset_uri)
     try:
         if not exists(uri, storage):
             raise DatasetError(f"incomplete dataset: no {MANIFEST_FILE} at {absolute_uri(dataset_uri)}")
-        manifest = read_json(uri, storage)
+        return read_record(uri, DatasetManifest, storage)
     except StorageError as exc:
         raise DatasetError(f"cannot read the manifest of {dataset_uri}: {exc}") from exc
-    except json.JSONDecodeError as exc:
-        raise DatasetError(f"corrupt {MANIFEST_FILE} at {dataset_uri}: {exc}") from exc
-    missing = {"dataset_id", "image_shape", "splits", "files"} - set(manifest)
-    if missing:
-        raise DatasetError(f"{MANIFEST_FILE} at {dataset_uri} lacks {sorted(missing)}")
-    return manifest
+    except RecordError as exc:
+        raise DatasetError(f"corrupt {MANIFEST_FILE}: {exc}") from exc
 
 
-def _split_files(manifest: dict[str, Any], dataset_uri: str, split: str) -> list[dict[str, Any]]:
-    if split not in manifest["splits"]:
-        raise DatasetError(f"dataset {dataset_uri} has no split {split!r}; it has {list(manifest['splits'])}")
-    return [f for f in manifest["files"] if f["split"] == split]
+def split_files(manifest: DatasetManifest, dataset_uri: str, split: str) -> list[ShardFile]:
+    """The files of ``split``; ``DatasetError`` naming the splits there are when it has none."""
+    if split not in manifest.splits:
+        raise DatasetError(f"dataset {dataset_uri} has no split {split!r}; it has {list(manifest.splits)}")
+    return manifest.split_files(split)
 
 
 def read_shards(dataset_uri: str, split: str, storage: StorageConfig) -> Any:
@@ -359,8 +367,8 @@ def read_shards(dataset_uri: str, split: str, storage: StorageConfig) -> Any:
     import ray
 
     manifest = read_manifest(dataset_uri, storage)
-    files = _split_files(manifest, dataset_uri, split)
-    locs = [locate(shard_uri(dataset_uri, f["path"]), storage) for f in files]
+    files = split_files(manifest, dataset_uri, split)
+    locs = [locate(shard_uri(dataset_uri, f.path), storage) for f in files]
     return ray.data.read_parquet([loc.path for loc in locs], filesystem=locs[0].filesystem)
 
 
@@ -384,15 +392,15 @@ def load_split(
 ) -> tuple[np.ndarray, np.ndarray, pa.Table]:
     """In-process read of one split: images (N, C, H, W) float32, labels (N,) int64, other columns."""
     manifest = read_manifest(dataset_uri, storage)
-    files = _split_files(manifest, dataset_uri, split)
+    files = split_files(manifest, dataset_uri, split)
     tables = []
     for f in files:
-        uri = shard_uri(dataset_uri, f["path"])
+        uri = shard_uri(dataset_uri, f.path)
         data = read_bytes(uri, storage)
-        if "sha256" in f and hashlib.sha256(data).hexdigest() != f["sha256"]:
+        if f.sha256 is not None and hashlib.sha256(data).hexdigest() != f.sha256:
             raise DatasetError(f"{uri} does not match the checksum in its manifest")
         tables.append(pq.read_table(io.BytesIO(data)).replace_schema_metadata(None))
     table = pa.concat_tables(tables)
-    images = decode_images(table.column("image"), tuple(manifest["image_shape"]))
+    images = decode_images(table.column("image"), manifest.image_shape)
     labels = table.column("label").to_numpy().astype(np.int64)
     return images, labels, table.drop_columns(["image", "label"])

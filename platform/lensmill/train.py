@@ -46,6 +46,7 @@ from lensmill.layout import (
     runs_uri,
 )
 from lensmill.models import LensClassifier, load_pretrained, save_classifier
+from lensmill.records import DatasetManifest, RunInfo, RunSummary, read_record, write_record
 from lensmill.shards import dataset_uri_for, decode_images, read_manifest, read_shards
 from lensmill.storage import StorageError, is_s3, join_uri, list_files, locate, read_json, write_json
 
@@ -379,10 +380,10 @@ def norm_stats(dataset_uri: str, cfg: Config, shape: tuple[int, int, int]) -> di
     }
 
 
-def fits_in_memory(cfg: Config, manifest: dict[str, Any]) -> bool:
+def fits_in_memory(cfg: Config, manifest: DatasetManifest) -> bool:
     """Whether each worker's train + val shards, decoded, fit under ``TRAIN_CACHE_MAX_BYTES``."""
-    image_bytes = 4 * int(np.prod(manifest["image_shape"]))
-    rows = sum(manifest["splits"][s]["rows"] for s in ("train", "val"))
+    image_bytes = 4 * int(np.prod(manifest.image_shape))
+    rows = sum(manifest.splits[s].rows for s in ("train", "val"))
     return math.ceil(rows / cfg.train.num_workers) * image_bytes <= TRAIN_CACHE_MAX_BYTES
 
 
@@ -392,7 +393,7 @@ def fit(
     callbacks: list | None = None,
     parent_run_id: str | None = None,
     cache_in_memory: bool | None = None,
-) -> dict[str, Any]:
+) -> RunSummary:
     """Train ``cfg.train.model`` on the dataset ``cfg`` describes; returns the run's summary.
 
     ``cache_in_memory``: keep each worker's decoded shards in memory after the first epoch; None
@@ -403,19 +404,18 @@ def fit(
 
     run_name = run_name or run_name_for(cfg)
     run_uri = run_uri_for(cfg, run_name)
-    try:
-        return read_json(join_uri(run_uri, SUMMARY_FILE), cfg.storage)  # finished before: nothing to do
-    except StorageError:
-        pass
+    finished = read_summary(cfg, run_name)
+    if finished is not None:  # finished before: nothing to do
+        return finished
 
     dataset_uri = dataset_uri_for(cfg)
     manifest = read_manifest(dataset_uri, cfg.storage)
-    shape = tuple(manifest["image_shape"])
+    shape = manifest.image_shape
     norm = norm_stats(dataset_uri, cfg, shape)
     if cache_in_memory is None:
         cache_in_memory = fits_in_memory(cfg, manifest)
     run_id = tracking.start_run(
-        cfg, run_name, "train", manifest["dataset_id"], params={**norm, "cache_in_memory": cache_in_memory}
+        cfg, run_name, "train", manifest.dataset_id, params={**norm, "cache_in_memory": cache_in_memory}
     )
     if parent_run_id:
         tracking.client(cfg).set_tag(run_id, "mlflow.parentRunId", parent_run_id)
@@ -442,13 +442,12 @@ def fit(
         "early_stopping_patience": t.early_stopping_patience,
         "pretrained_uri": t.pretrained_uri,
     }
-    write_json(
-        join_uri(run_uri, RUN_INFO_FILE),
-        {"run_name": run_name, "model": t.model, "lr": t.lr, "dataset_uri": dataset_uri,
-         "dataset_id": manifest["dataset_id"], "mlflow_run_id": run_id, "image_shape": list(shape),
-         "in_chans": shape[0], "pretrained_uri": t.pretrained_uri, "cache_in_memory": cache_in_memory},
-        cfg.storage,
+    info = RunInfo(
+        run_name=run_name, model=t.model, lr=t.lr, dataset_uri=dataset_uri, dataset_id=manifest.dataset_id,
+        mlflow_run_id=run_id, image_shape=shape, in_chans=shape[0], pretrained_uri=t.pretrained_uri,
+        cache_in_memory=cache_in_memory,
     )  # fmt: skip
+    write_record(join_uri(run_uri, RUN_INFO_FILE), info, cfg.storage)
     runs = locate(runs_uri(cfg), cfg.storage)
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     # Only the two columns training reads: Ray Data pushes the projection down into the Parquet scan.
@@ -486,7 +485,15 @@ def fit(
     return summarize_run(cfg, run_name)
 
 
-def summarize_run(cfg: Config, run_name: str, stopped_early: bool = False) -> dict[str, Any]:
+def read_summary(cfg: Config, run_name: str) -> RunSummary | None:
+    """The summary of a finished run, or None when the run has not finished (or never started)."""
+    try:
+        return read_record(join_uri(run_uri_for(cfg, run_name), SUMMARY_FILE), RunSummary, cfg.storage)
+    except StorageError:
+        return None
+
+
+def summarize_run(cfg: Config, run_name: str, stopped_early: bool = False) -> RunSummary:
     """The run's summary, rebuilt from what is in storage alone (so it also works for a trial that
     Tune stopped mid-run); written next to the checkpoints and closing the run's MLflow record.
 
@@ -495,7 +502,7 @@ def summarize_run(cfg: Config, run_name: str, stopped_early: bool = False) -> di
     (``train.early_stopping_patience``).
     """
     run_uri = run_uri_for(cfg, run_name)
-    info = read_json(join_uri(run_uri, RUN_INFO_FILE), cfg.storage)
+    info = read_record(join_uri(run_uri, RUN_INFO_FILE), RunInfo, cfg.storage)
     reports = [
         (uri.rsplit("/", 2)[-2], read_json(uri, cfg.storage))
         for uri in list_files(run_uri, cfg.storage)
@@ -519,29 +526,29 @@ def summarize_run(cfg: Config, run_name: str, stopped_early: bool = False) -> di
     epochs_run = len(latest["history"])
     # ASHA also "stops" a trial right after its last epoch at the top rung: not an early stop.
     scheduler_stop = stopped_early and not patience_stop and epochs_run < cfg.train.epochs
-    summary = {
-        **info,
-        "val_auc": best["metrics"]["val_auc"],
-        "best_epoch": best["metrics"]["epoch"],
-        "epochs_run": epochs_run,
-        "stopped_early": scheduler_stop or patience_stop,
-        "stop_reason": "early_stopping" if patience_stop else ("scheduler" if scheduler_stop else None),
-        "attempts": len(attempts),
-        "checkpoint_uri": join_uri(run_uri, best_dir),
-        "member_file": MEMBER_FILE,
-        "history": latest["history"],
-    }
-    run_id = info["mlflow_run_id"]
+    summary = RunSummary(
+        **info.model_dump(),
+        val_auc=best["metrics"]["val_auc"],
+        best_epoch=best["metrics"]["epoch"],
+        epochs_run=epochs_run,
+        stopped_early=scheduler_stop or patience_stop,
+        stop_reason="early_stopping" if patience_stop else ("scheduler" if scheduler_stop else None),
+        attempts=len(attempts),
+        checkpoint_uri=join_uri(run_uri, best_dir),
+        member_file=MEMBER_FILE,
+        history=tuple(latest["history"]),
+    )
+    run_id = info.mlflow_run_id
     tracking.log_metrics(
         cfg,
         run_id,
-        {"best_val_auc": summary["val_auc"], "best_epoch": summary["best_epoch"], "attempts": len(attempts)},
+        {"best_val_auc": summary.val_auc, "best_epoch": summary.best_epoch, "attempts": summary.attempts},
     )
     tracking.log_dict(cfg, run_id, latest["history"], "history.json")
-    if summary["stop_reason"]:
-        tracking.client(cfg).set_tag(run_id, "lensmill.stopped_early", summary["stop_reason"])
+    if summary.stop_reason:
+        tracking.client(cfg).set_tag(run_id, "lensmill.stopped_early", summary.stop_reason)
     tracking.end_run(cfg, run_id)
-    write_json(join_uri(run_uri, SUMMARY_FILE), summary, cfg.storage)
+    write_record(join_uri(run_uri, SUMMARY_FILE), summary, cfg.storage)
     return summary
 
 

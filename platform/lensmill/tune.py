@@ -11,18 +11,17 @@ from typing import Any
 from lensmill import tracking
 from lensmill.config import Config
 from lensmill.layout import (
-    SUMMARY_FILE,
     TUNE_FILE,
     run_name_for,
-    run_uri_for,
     runs_uri,
     stage_run_name,
     tune_experiment_name,
     tune_results_uri,
 )
+from lensmill.records import BestTrial, TrialResult, TuneResults, read_record, write_record
 from lensmill.shards import dataset_uri_for, read_manifest
-from lensmill.storage import StorageError, is_s3, join_uri, locate, read_json, write_json
-from lensmill.train import fit, summarize_run
+from lensmill.storage import StorageError, is_s3, locate
+from lensmill.train import fit, read_summary, summarize_run
 
 
 def trial_config(base: Config, model: str, lr: float) -> Config:
@@ -39,27 +38,23 @@ def _trial(params: dict[str, Any], base: dict[str, Any], parent_run_id: str) -> 
     fit(cfg, callbacks=[TuneReportCallback()], parent_run_id=parent_run_id)
 
 
-def _read_summary(cfg: Config, pair: dict[str, Any]) -> dict[str, Any] | None:
-    name = run_name_for(trial_config(cfg, pair["model"], pair["lr"]))
-    try:
-        return read_json(join_uri(run_uri_for(cfg, name), SUMMARY_FILE), cfg.storage)
-    except StorageError:
-        return None
+def trial_run_name(cfg: Config, pair: dict[str, Any]) -> str:
+    return run_name_for(trial_config(cfg, pair["model"], pair["lr"]))
 
 
-def tune_architectures(cfg: Config) -> dict[str, Any]:
-    """Run the search; returns {"trials": [...]} with each trial's summary. A trial ASHA stopped early
-    still counts, with its best checkpoint so far (``stopped_early``); only trials that never
-    checkpointed are left out of the ensemble's candidates."""
+def tune_architectures(cfg: Config) -> TuneResults:
+    """Run the search; every trial's result. A trial ASHA stopped early still counts, with its best
+    checkpoint so far (``stopped_early``); only trials that never checkpointed are left out of the
+    ensemble's candidates."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
     t = cfg.tune
     # Fails here, naming the URI, when the dataset is missing, rather than inside every trial.
     manifest = read_manifest(dataset_uri_for(cfg), cfg.storage)
-    parent = tracking.start_run(cfg, stage_run_name(cfg, "tune"), "tune", manifest["dataset_id"])
+    parent = tracking.start_run(cfg, stage_run_name(cfg, "tune"), "tune", manifest.dataset_id)
     pairs = [{"model": m, "lr": lr} for m in t.models for lr in t.lrs]
-    done = {i: _read_summary(cfg, p) for i, p in enumerate(pairs)}
+    done = {i: read_summary(cfg, trial_run_name(cfg, p)) for i, p in enumerate(pairs)}
     # Runs finished before (same config) are not trained again: the search resumes where it stopped.
     todo = [p for i, p in enumerate(pairs) if done[i] is None]
     errors: dict[tuple[str, float], str] = {}
@@ -93,38 +88,37 @@ def tune_architectures(cfg: Config) -> dict[str, Any]:
             if result.error:
                 p = result.config["trial"]
                 errors[(p["model"], p["lr"])] = str(result.error)
-    trials: list[dict[str, Any]] = []
+    trials: list[TrialResult] = []
     for i, p in enumerate(pairs):
-        name = run_name_for(trial_config(cfg, p["model"], p["lr"]))
-        summary = done[i] or _read_summary(cfg, p)
+        name = trial_run_name(cfg, p)
+        summary = done[i] or read_summary(cfg, name)
+        error = None
         if summary is None:
             try:  # ASHA stopped it (the trial process is gone): summarise from its checkpoints
                 summary = summarize_run(cfg, name, stopped_early=True)
             except (StorageError, RuntimeError) as exc:  # failed before its first checkpoint
-                err = errors.get((p["model"], p["lr"]), str(exc))
-                trials.append({**p, "run_name": name, "usable": False, "error": err})
-                continue
-        trials.append({**summary, "usable": True})
-    usable = [x for x in trials if x["usable"]]
+                error = errors.get((p["model"], p["lr"]), str(exc))
+        trials.append(TrialResult(model=p["model"], lr=p["lr"], run_name=name, summary=summary, error=error))
+    usable = [x for x in trials if x.usable]
     if not usable:
         tracking.end_run(cfg, parent, ok=False)
-        raise RuntimeError(f"no tune trial produced a checkpoint: {[x.get('error') for x in trials]}")
-    best = max(usable, key=lambda x: x["val_auc"])
-    tracking.log_metrics(cfg, parent, {"best_val_auc": best["val_auc"], "trials_usable": len(usable)})
-    out = {
-        "trials": trials,
-        "best": {"model": best["model"], "lr": best["lr"], "val_auc": best["val_auc"]},
-        "mlflow_run_id": parent,
-    }
-    tracking.log_dict(cfg, parent, out, TUNE_FILE)
+        raise RuntimeError(f"no tune trial produced a checkpoint: {[x.error for x in trials]}")
+    best = max(usable, key=lambda x: x.val_auc)
+    tracking.log_metrics(cfg, parent, {"best_val_auc": best.val_auc, "trials_usable": len(usable)})
+    out = TuneResults(
+        trials=tuple(trials),
+        best=BestTrial(model=best.model, lr=best.lr, val_auc=best.val_auc),
+        mlflow_run_id=parent,
+    )
+    tracking.log_dict(cfg, parent, out.model_dump(mode="json"), TUNE_FILE)
     tracking.end_run(cfg, parent)
-    write_json(tune_results_uri(cfg), out, cfg.storage)
+    write_record(tune_results_uri(cfg), out, cfg.storage)
     return out
 
 
-def load_tune_results(cfg: Config) -> dict[str, Any]:
+def load_tune_results(cfg: Config) -> TuneResults:
     try:
-        return read_json(tune_results_uri(cfg), cfg.storage)
+        return read_record(tune_results_uri(cfg), TuneResults, cfg.storage)
     except StorageError as exc:
         raise StorageError(
             f"no tune results for config name {cfg.name!r} (run `lensmill tune` first): {exc}"

@@ -6,13 +6,13 @@ import hashlib
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 
 from lensmill.config import Config, load_config
 from lensmill.layout import MANIFEST_FILE
+from lensmill.records import DatasetManifest
 from lensmill.shards import (
     DatasetError,
     dataset_id_for,
@@ -37,7 +37,7 @@ def tiny_config(root: str, *extra: str) -> Config:
 
 
 @pytest.fixture(scope="module")
-def written(ray_session: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Config, dict[str, Any]]:
+def written(ray_session: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Config, DatasetManifest]:
     cfg = tiny_config(str(tmp_path_factory.mktemp("shards-a")))
     return cfg, write_shards(cfg)
 
@@ -47,31 +47,31 @@ def shard_files(cfg: Config) -> dict[str, Path]:
     return {str(p.relative_to(root)): p for p in sorted(root.rglob("*.parquet"))}
 
 
-def test_write_then_read_back(written: tuple[Config, dict[str, Any]]) -> None:
+def test_write_then_read_back(written: tuple[Config, DatasetManifest]) -> None:
     cfg, manifest = written
     uri = dataset_uri_for(cfg)
     assert uri.endswith(f"/datasets/{dataset_id_for(cfg.sim)}")
-    assert manifest["dataset_id"] == dataset_id_for(cfg.sim)
-    assert manifest["image_shape"] == [1, 32, 32]
-    assert manifest["splits"] == {
+    assert manifest.dataset_id == dataset_id_for(cfg.sim)
+    assert manifest.image_shape == (1, 32, 32)
+    assert {s: c.model_dump() for s, c in manifest.splits.items()} == {
         "train": {"rows": 40, "positives": 20, "negatives": 20},
         "val": {"rows": 20, "positives": 10, "negatives": 10},
         "test": {"rows": 20, "positives": 10, "negatives": 10},
     }
-    assert set(manifest["versions"]) >= {"lensmill", "lenstronomy", "ray", "pyarrow"}
-    assert manifest["config"]["n_train"] == 40
+    assert set(manifest.versions) >= {"lensmill", "lenstronomy", "ray", "pyarrow"}
+    assert manifest.config["n_train"] == 40
     assert read_manifest(uri, cfg.storage) == manifest
 
     # The manifest lists every shard with the checksum of its bytes, and nothing else is there.
     files = shard_files(cfg)
-    assert sorted(f["path"] for f in manifest["files"]) == sorted(files)
+    assert sorted(f.path for f in manifest.files) == sorted(files)
     assert len(files) == 4 + 2 + 2
-    for f in manifest["files"]:
-        assert hashlib.sha256(files[f["path"]].read_bytes()).hexdigest() == f["sha256"]
+    for f in manifest.files:
+        assert hashlib.sha256(files[f.path].read_bytes()).hexdigest() == f.sha256
 
-    for split, counts in manifest["splits"].items():
+    for split, counts in manifest.splits.items():
         ds = read_shards(uri, split, cfg.storage)
-        assert ds.count() == counts["rows"]
+        assert ds.count() == counts.rows
     batch = read_shards(uri, "train", cfg.storage).take_batch(40, batch_format="numpy")
     assert sorted(batch["row_id"].tolist()) == list(range(40))
     assert int(batch["label"].sum()) == 20
@@ -96,13 +96,13 @@ def test_write_then_read_back(written: tuple[Config, dict[str, Any]]) -> None:
 
 
 def test_same_config_in_two_roots_is_bit_identical(
-    written: tuple[Config, dict[str, Any]], tmp_path: Path
+    written: tuple[Config, DatasetManifest], tmp_path: Path
 ) -> None:
     cfg_a, manifest_a = written
     cfg_b = tiny_config(str(tmp_path))
     manifest_b = write_shards(cfg_b)
-    assert manifest_b["dataset_id"] == manifest_a["dataset_id"]
-    assert [f["sha256"] for f in manifest_b["files"]] == [f["sha256"] for f in manifest_a["files"]]
+    assert manifest_b.dataset_id == manifest_a.dataset_id
+    assert [f.sha256 for f in manifest_b.files] == [f.sha256 for f in manifest_a.files]
     images_a, labels_a, _ = load_split(dataset_uri_for(cfg_a), "train", cfg_a.storage)
     images_b, labels_b, _ = load_split(dataset_uri_for(cfg_b), "train", cfg_b.storage)
     assert images_a.tobytes() == images_b.tobytes()
@@ -110,7 +110,7 @@ def test_same_config_in_two_roots_is_bit_identical(
 
 
 def test_resume_renders_only_missing_or_broken_shards(
-    written: tuple[Config, dict[str, Any]], tmp_path: Path
+    written: tuple[Config, DatasetManifest], tmp_path: Path
 ) -> None:
     cfg_a, manifest_a = written
     cfg = tiny_config(str(tmp_path))
@@ -133,9 +133,9 @@ def test_resume_renders_only_missing_or_broken_shards(
     assert {k: files[k].stat().st_mtime_ns for k in kept} == kept
     for k in redone:
         digest = hashlib.sha256(files[k].read_bytes()).hexdigest()
-        assert digest == next(f["sha256"] for f in manifest_a["files"] if f["path"] == k)
-    assert manifest["files"] == manifest_a["files"]
-    assert manifest["splits"] == manifest_a["splits"]
+        assert digest == next(f.sha256 for f in manifest_a.files if f.path == k)
+    assert manifest.files == manifest_a.files
+    assert manifest.splits == manifest_a.splits
 
     # A complete dataset is returned as is: no file is touched, the manifest is not rewritten.
     before = {p: p.stat().st_mtime_ns for p in Path(dataset_uri_for(cfg)).rglob("*")}
@@ -161,7 +161,7 @@ def test_s3_round_trip(ray_session: str, s3_endpoint: str) -> None:
     cfg = tiny_config(f"s3://{bucket}/prefix", f"storage.s3_endpoint_url={s3_endpoint}", "sim.n_train=20")
     manifest = write_shards(cfg)
     uri = dataset_uri_for(cfg)
-    assert uri == f"s3://{bucket}/prefix/datasets/{manifest['dataset_id']}"
+    assert uri == f"s3://{bucket}/prefix/datasets/{manifest.dataset_id}"
     assert read_manifest(uri, cfg.storage) == manifest
     assert read_shards(uri, "train", cfg.storage).count() == 20
     images, labels, table = load_split(uri, "test", cfg.storage)
@@ -172,12 +172,12 @@ def test_s3_round_trip(ray_session: str, s3_endpoint: str) -> None:
             Bucket=bucket
         )["Contents"]
     }
-    assert f"prefix/datasets/{manifest['dataset_id']}/{MANIFEST_FILE}" in keys
+    assert f"prefix/datasets/{manifest.dataset_id}/{MANIFEST_FILE}" in keys
     assert not any(".tmp" in k for k in keys)
 
     # Resume on S3: a lost shard object and no manifest -> only that shard is rendered again.
     s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
-    prefix = f"prefix/datasets/{manifest['dataset_id']}"
+    prefix = f"prefix/datasets/{manifest.dataset_id}"
     s3.delete_object(Bucket=bucket, Key=f"{prefix}/val/part-00001.parquet")
     s3.delete_object(Bucket=bucket, Key=f"{prefix}/{MANIFEST_FILE}")
     with pytest.raises(DatasetError, match="incomplete dataset"):
@@ -185,19 +185,19 @@ def test_s3_round_trip(ray_session: str, s3_endpoint: str) -> None:
     before = {o["Key"]: o["ETag"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]}
     resumed = write_shards(cfg)
     after = {o["Key"]: o["ETag"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]}
-    assert resumed["files"] == manifest["files"] and resumed["splits"] == manifest["splits"]
+    assert resumed.files == manifest.files and resumed.splits == manifest.splits
     assert {k: after[k] for k in before} == before  # intact shards kept as they were
     assert set(after) - set(before) == {f"{prefix}/val/part-00001.parquet", f"{prefix}/{MANIFEST_FILE}"}
 
 
 def test_worker_and_block_counts_do_not_change_a_single_pixel(
-    written: tuple[Config, dict[str, Any]], tmp_path: Path
+    written: tuple[Config, DatasetManifest], tmp_path: Path
 ) -> None:
     """One actor instead of one per CPU gives the same bytes; other shard sizes the same images."""
     cfg_a, manifest_a = written
     one_actor = tiny_config(str(tmp_path / "one"))
     manifest_one = write_shards(one_actor, max_actors=1)
-    assert [f["sha256"] for f in manifest_one["files"]] == [f["sha256"] for f in manifest_a["files"]]
+    assert [f.sha256 for f in manifest_one.files] == [f.sha256 for f in manifest_a.files]
     # 40-row shards instead of 10: another dataset id and other files, the same rows.
     big_blocks = tiny_config(str(tmp_path / "big"), "sim.rows_per_shard=40")
     write_shards(big_blocks, max_actors=2)

@@ -42,20 +42,20 @@ def test_injected_failure_resumes_from_the_last_checkpoint_and_a_rerun_does_not_
     cfg = load_config(None, [*overrides, *extra])
     # Streaming every epoch (no in-memory cache): the restarted workers read through Ray Data again.
     summary = fit(cfg, cache_in_memory=False)
-    history = summary["history"]
+    history = summary.history
     assert [h["epoch"] for h in history] == [0, 1, 2]
     # Epoch 0 ran in the first attempt; the failure at epoch 1 restarted the workers, which resumed
     # from the epoch-0 checkpoint.
     assert [h["attempt"] for h in history] == [0, 1, 1]
     assert [h["resumed_from_epoch"] for h in history] == [None, 0, 0]
     assert not any(h["data_from_cache"] for h in history)
-    assert summary["attempts"] == 2 and summary["epochs_run"] == 3 and not summary["stopped_early"]
+    assert summary.attempts == 2 and summary.epochs_run == 3 and not summary.stopped_early
     run_uri = join_uri(runs_uri(cfg), run_name_for(cfg))
     attempts = read_json(join_uri(run_uri, ATTEMPTS_FILE), cfg.storage)
     assert [a["inject_failure_at"] for a in attempts] == [1, None]
     assert [a["resumed_from_epoch"] for a in attempts] == [None, 0]
     # The best checkpoint by val AUC and the latest (epoch 2) are kept.
-    assert Path(summary["checkpoint_uri"], "model.pt").is_file()
+    assert Path(summary.checkpoint_uri, "model.pt").is_file()
     kept = {u.rsplit("/", 2)[-2] for u in list_files(run_uri, cfg.storage) if u.endswith("/model.pt")}
     assert "epoch-0002" in kept and len(kept) <= 2
 
@@ -63,7 +63,7 @@ def test_injected_failure_resumes_from_the_last_checkpoint_and_a_rerun_does_not_
     from mlflow import MlflowClient
 
     c = MlflowClient(tracking_uri=mlflow_uri)
-    steps = [m.step for m in c.get_metric_history(summary["mlflow_run_id"], "val_auc")]
+    steps = [m.step for m in c.get_metric_history(summary.mlflow_run_id, "val_auc")]
     assert sorted(steps) == [0, 1, 2]
 
     # The same run again: the recorded summary comes back, nothing is trained or recorded again.
@@ -78,11 +78,11 @@ def test_early_stopping_stops_every_rank_before_the_last_epoch(overrides: list[s
     extra = ["name=early", "train.epochs=10", "train.early_stopping_patience=1"]
     cfg = load_config(None, [*overrides, *extra])
     summary = fit(cfg)  # small split: cached in the workers after the first epoch
-    history = summary["history"]
-    assert summary["epochs_run"] == len(history) < 10
-    assert summary["stopped_early"] and summary["stop_reason"] == "early_stopping"
+    history = summary.history
+    assert summary.epochs_run == len(history) < 10
+    assert summary.stopped_early and summary.stop_reason == "early_stopping"
     assert [h["early_stop"] for h in history] == [False] * (len(history) - 1) + [True]
     assert should_stop_early(history, 1) and not should_stop_early(history[:-1], 1)
     # Epoch 0 streams through Ray Data and fills the cache; later epochs read the cache.
     assert [h["data_from_cache"] for h in history] == [False] + [True] * (len(history) - 1)
-    assert summary["attempts"] == 1 and all(h["attempt"] == 0 for h in history)
+    assert summary.attempts == 1 and all(h["attempt"] == 0 for h in history)

@@ -3,6 +3,18 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from lensmill.ensemble import search_weights, select_members, simplex_grid
+from lensmill.records import RunSummary, TrialResult
+
+
+def trial(model: str, val_auc: float, lr: float, usable: bool = True) -> TrialResult:
+    """A tune trial as the tune stage records it (a summary only when it checkpointed)."""
+    summary = RunSummary(
+        run_name=f"{model}-{lr}", model=model, lr=lr, dataset_uri="/d", dataset_id="d", mlflow_run_id="r",
+        image_shape=(1, 8, 8), in_chans=1, cache_in_memory=True, val_auc=val_auc, best_epoch=0,
+        epochs_run=1, stopped_early=False, attempts=1, checkpoint_uri="/c", member_file="model.pt",
+        history=(),
+    )  # fmt: skip
+    return TrialResult(model=model, lr=lr, run_name=summary.run_name, summary=summary if usable else None)
 
 
 def test_simplex_grid_covers_the_simplex():
@@ -26,11 +38,11 @@ def test_search_weights_prefers_the_informative_member():
 
 def test_select_members_takes_best_of_each_architecture_first():
     trials = [
-        {"model": "a", "val_auc": 0.99, "usable": True, "lr": 1},
-        {"model": "a", "val_auc": 0.98, "usable": True, "lr": 2},
-        {"model": "b", "val_auc": 0.90, "usable": True, "lr": 1},
-        {"model": "c", "val_auc": 0.97, "usable": False, "lr": 1},
+        trial("a", 0.99, 1),
+        trial("a", 0.98, 2),
+        trial("b", 0.90, 1),
+        trial("c", 0.97, 1, usable=False),
     ]
     chosen = select_members(trials, 2)
-    assert [(t["model"], t["lr"]) for t in chosen] == [("a", 1), ("b", 1)]
+    assert [(t.model, t.lr) for t in chosen] == [("a", 1), ("b", 1)]
     assert len(select_members(trials, 5)) == 3

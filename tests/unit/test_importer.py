@@ -37,7 +37,7 @@ def write_png(path: Path, array: np.ndarray) -> None:
 def all_rows(uri: str, st: StorageConfig) -> dict[str, tuple[np.ndarray, int]]:
     """source_path -> (image, label) over every split of a dataset."""
     out = {}
-    for split in read_manifest(uri, st)["splits"]:
+    for split in read_manifest(uri, st).splits:
         images, labels, table = load_split(uri, split, st)
         assert set(table.column("split").to_pylist()) == {split}
         for img, label, rel in zip(images, labels, table.column("source_path").to_pylist(), strict=True):
@@ -57,14 +57,15 @@ def test_class_folders_fits_and_npy_round_trip(tmp_path: Path) -> None:
         expected[f"Lens/l{i}.fits"] = (lens, 1)
         expected[f"nonlens/n{i}.npy"] = (non, 0)
     st = storage(tmp_path)
-    m = import_cutouts(src, None, st, val_fraction=0.25, test_fraction=0.25, seed=3, rows_per_shard=2)
-    uri = m["dataset_uri"]
-    assert uri.endswith(f"/datasets/{m['dataset_id']}")
-    assert m["source"] == "import" and m["image_shape"] == [2, 12, 12]
+    uri, m = import_cutouts(src, None, st, val_fraction=0.25, test_fraction=0.25, seed=3, rows_per_shard=2)
+    assert uri.endswith(f"/datasets/{m.dataset_id}")
+    assert m.source == "import" and m.image_shape == (2, 12, 12)
     # Stratified: 6 per class -> 2 test, 2 val (rounded 1.5 up), 2 train per class.
-    assert m["splits"] == {s: {"rows": 4, "positives": 2, "negatives": 2} for s in ("train", "val", "test")}
-    assert sum(f["rows"] for f in m["files"]) == 12 and len(m["files"]) == 6
-    assert all(len(f["sha256"]) == 64 for f in m["files"])
+    splits = {s: c.model_dump() for s, c in m.splits.items()}
+    assert splits == {s: {"rows": 4, "positives": 2, "negatives": 2} for s in ("train", "val", "test")}
+    assert sum(f.rows for f in m.files) == 12 and len(m.files) == 6
+    assert all(len(f.sha256) == 64 for f in m.files)
+    assert read_manifest(uri, st) == m  # what was written reads back as the same record
 
     got = all_rows(uri, st)
     assert set(got) == set(expected)
@@ -73,12 +74,12 @@ def test_class_folders_fits_and_npy_round_trip(tmp_path: Path) -> None:
         assert np.array_equal(got[rel][0], img)
 
     # Same inputs and options: the same dataset id; another seed: another id (other split).
-    again = import_cutouts(src, str(tmp_path / "b"), st, val_fraction=0.25, test_fraction=0.25, seed=3,
-                           rows_per_shard=2)  # fmt: skip
-    assert again["dataset_id"] == m["dataset_id"]
-    assert [f["sha256"] for f in again["files"]] == [f["sha256"] for f in m["files"]]
-    other = import_cutouts(src, str(tmp_path / "c"), st, val_fraction=0.25, test_fraction=0.25, seed=4)
-    assert other["dataset_id"] != m["dataset_id"]
+    _, again = import_cutouts(src, str(tmp_path / "b"), st, val_fraction=0.25, test_fraction=0.25, seed=3,
+                              rows_per_shard=2)  # fmt: skip
+    assert again.dataset_id == m.dataset_id
+    assert [f.sha256 for f in again.files] == [f.sha256 for f in m.files]
+    _, other = import_cutouts(src, str(tmp_path / "c"), st, val_fraction=0.25, test_fraction=0.25, seed=4)
+    assert other.dataset_id != m.dataset_id
     with pytest.raises(CutoutImportError, match="already holds dataset"):
         import_cutouts(src, str(tmp_path / "b"), st, seed=5)
 
@@ -97,10 +98,10 @@ def test_csv_with_png_rgb_and_grayscale(tmp_path: Path) -> None:
     csv = tmp_path / "labels.csv"
     csv.write_text("\n".join(rows) + "\n")
     st = storage(tmp_path)
-    m = import_cutouts(src, str(tmp_path / "out"), st, labels_csv=csv, val_fraction=0, test_fraction=0)
-    assert m["image_shape"] == [3, 10, 10] and m["bands"] == ["R", "G", "B"]
-    assert list(m["splits"]) == ["train"]
-    images, labels, table = load_split(m["dataset_uri"], "train", st)
+    uri, m = import_cutouts(src, str(tmp_path / "out"), st, labels_csv=csv, val_fraction=0, test_fraction=0)
+    assert m.image_shape == (3, 10, 10) and m.bands == ("R", "G", "B")
+    assert list(m.splits) == ["train"]
+    images, labels, table = load_split(uri, "train", st)
     for img, label, rel, theta in zip(
         images, labels, table.column("source_path").to_pylist(), table.column("theta_e_arcsec").to_pylist(),
         strict=True,

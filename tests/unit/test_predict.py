@@ -181,10 +181,11 @@ def test_load_errors_name_the_path(predictor: EnsemblePredictor, tmp_path: Path)
     ens = predictor.save(tmp_path / "ens")
     manifest = json.loads((ens / "ensemble.json").read_text())
     for mutate, pattern in [
-        (lambda d: d.update(format_version=2), "format_version 2"),
+        (lambda d: d.update(format_version=2), r"format_version: .*\(got 2\)"),
         (lambda d: d.update(image_shape=[1, 32]), "image_shape"),
         (lambda d: d.update(members=[]), "members"),
-        (lambda d: d["members"][0].pop("weight"), r"members\[0\] lacks \['weight'\]"),
+        (lambda d: d["members"][0].pop("weight"), r"members\.0\.weight: Field required"),
+        (lambda d: d["members"][0].update(weight=-1), r"members\.0\.weight: .*greater than or equal to 0"),
         (lambda d: d["members"][1].update(file="gone.pt"), "gone.pt does not exist"),
         (lambda d: d.update(image_shape=[3, 32, 32]), "channel"),
         (lambda d: d.update(temperature=0), "temperature"),

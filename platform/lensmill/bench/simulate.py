@@ -349,7 +349,7 @@ def run_simulate_bench(
             manifest = write_shards(bench_cfg)
             platform_s = time.perf_counter() - t0
         steady = None if remote else progress.steady_rate(sim.rows_per_shard, train_shards, actors)
-        total_bytes = sum(f["bytes"] for f in manifest["files"])
+        total_bytes = sum(f.bytes or 0 for f in manifest.files)
         cores = _cores(actors)
     finally:
         _remove(root, storage, remote)

@@ -123,12 +123,12 @@ def _platform(cfg: Config, cache_in_memory: bool | None) -> dict[str, Any]:
     wall = time.perf_counter() - t0
     epochs = [
         {"epoch": h["epoch"], "images": h["train_images"], "seconds": h["train_seconds"]}
-        for h in summary["history"]
+        for h in summary.history
     ]
     return {
         **_steady(epochs),
         "fit_wall_s": round(wall, 1),
-        "data_from_cache": [bool(h.get("data_from_cache")) for h in summary["history"]],
+        "data_from_cache": [bool(h.get("data_from_cache")) for h in summary.history],
     }
 
 
