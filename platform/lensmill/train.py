@@ -22,6 +22,7 @@ import math
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,7 @@ from lensmill.records import DatasetManifest, RunInfo, RunSummary, read_record, 
 from lensmill.shards import dataset_uri_for, decode_images, read_manifest, read_shards
 from lensmill.storage import StorageError, is_s3, join_uri, list_files, locate, read_json, write_json
 
+Scheduler = torch.optim.lr_scheduler.LRScheduler
 NORM_SAMPLE_ROWS = 4096
 # A worker keeps its decoded train + val shards in memory when they take at most this many bytes.
 TRAIN_CACHE_MAX_BYTES = 4 * 2**30
@@ -250,29 +252,70 @@ def _record_attempt(
     return entry
 
 
-def train_fn_per_worker(config: dict[str, Any]) -> None:
-    """The per-worker loop (Ray Train V2): resume, train, validate, checkpoint, report, every epoch.
+@dataclass(frozen=True)
+class Normalisation:
+    """Per-channel input normalisation from the training split, stored with the model: (C,) each."""
 
-    Every rank calls ``ray.train.report`` once per epoch and stops at the same epoch (early stopping
-    decides on gathered, hence identical, validation metrics): DDP collectives stay matched.
-    """
-    import ray.train
-    import ray.train.torch
-    from ray.train.collective import broadcast_from_rank_zero
+    scale: tuple[float, ...]  # noise scale of the asinh stretch
+    mean: tuple[float, ...]  # of the stretched pixels
+    std: tuple[float, ...]
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    cfg = Config.model_validate(config["cfg"])
+    def as_params(self) -> dict[str, list[float]]:
+        return {"norm_scale": list(self.scale), "norm_mean": list(self.mean), "norm_std": list(self.std)}
+
+    def classifier(self, model_name: str) -> LensClassifier:
+        return LensClassifier(model_name, len(self.mean), list(self.mean), list(self.std), list(self.scale))
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """What a training worker gets: the config, plus only what the driver derived from the data."""
+
+    cfg: Config
+    run_uri: str
+    image_shape: tuple[int, int, int]
+    norm: Normalisation
+    cache_in_memory: bool
+    mlflow_run_id: str | None
+
+    @property
+    def shuffle_buffer_rows(self) -> int:
+        return max(4 * self.cfg.train.batch_size, 1024)
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """Where this start of the worker picks up: the epoch to run next and the history so far."""
+
+    start_epoch: int = 0
+    history: tuple[dict[str, Any], ...] = ()
+    from_epoch: int | None = None  # the checkpoint's epoch; None for a fresh start
+
+
+def _build(
+    plan: WorkerPlan,
+) -> tuple[LensClassifier, torch.optim.Optimizer, Scheduler]:
+    """Model, AdamW and the cosine schedule, seeded alike on every rank (DDP also broadcasts rank 0's
+    weights)."""
+    t = plan.cfg.train
     # Ray sets OMP_NUM_THREADS to the worker's CPU reservation (1 when fractional): be explicit.
-    torch.set_num_threads(config["torch_threads"] or max(1, int(config["cpus_per_worker"])))
-    torch.manual_seed(config["seed"])  # same init on every rank (DDP also broadcasts rank 0's weights)
-    shape = tuple(config["image_shape"])
-    model = LensClassifier(
-        config["model"], shape[0], config["norm_mean"], config["norm_std"], config["norm_scale"]
-    )
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config["epochs"])
-    start_epoch, history, resumed_from = 0, [], None
+    torch.set_num_threads(t.torch_threads or max(1, int(t.cpus_per_worker)))
+    torch.manual_seed(t.seed)
+    model = plan.norm.classifier(t.model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t.epochs)
+    return model, optimizer, scheduler
+
+
+def _restore(
+    model: LensClassifier,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Scheduler,
+    plan: WorkerPlan,
+) -> Resumed:
+    """Load the latest checkpoint when Ray Train hands one (a restart or a rerun), else the
+    pretrained weights when configured; returns where training resumes."""
+    import ray.train
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -283,86 +326,143 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         model.load_state_dict(weights["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        start_epoch, history, resumed_from = state["epoch"] + 1, state["history"], state["epoch"]
-    elif config.get("pretrained_uri"):
-        load_pretrained(model.backbone, config["pretrained_uri"], cfg.storage)
+        return Resumed(state["epoch"] + 1, tuple(state["history"]), state["epoch"])
+    if plan.cfg.train.pretrained_uri:
+        load_pretrained(model.backbone, plan.cfg.train.pretrained_uri, plan.cfg.storage)
+    return Resumed()
 
+
+def _worker_data(plan: WorkerPlan, rank: int) -> tuple[ShardBatches, ShardBatches]:
+    """This rank's train and validation shards as batches (cached in memory when planned)."""
+    import ray.train
+
+    t = plan.cfg.train
+    train = ShardBatches(
+        ray.train.get_dataset_shard("train"), plan.image_shape, t.batch_size, plan.cache_in_memory,
+        plan.shuffle_buffer_rows, seed=t.seed + rank,
+    )  # fmt: skip
+    val = ShardBatches(
+        ray.train.get_dataset_shard("val"), plan.image_shape, t.batch_size, plan.cache_in_memory
+    )
+    return train, val
+
+
+def _train_epoch(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: ShardBatches,
+    epoch: int,
+    device: torch.device,
+    generator: torch.Generator | None,
+    world: int,
+) -> dict[str, Any]:
+    """One pass over this rank's training shard; the epoch's loss and throughput (all ranks)."""
+    model.train()
+    from_cache = data.cached  # False for the epoch that streams (and fills the cache)
+    t0, seen, loss_sum = time.perf_counter(), 0, 0.0
+    for x, y in data.epoch(epoch, shuffle=True):
+        if len(y) < 2:
+            # BatchNorm cannot train on one image; ranks hold equal row counts (Ray Train splits
+            # datasets with equal=True), so every rank skips the same step.
+            continue
+        loss = train_step(model, optimizer, x, y, device, generator)
+        seen += len(y)
+        loss_sum += loss * len(y)
+    train_s = time.perf_counter() - t0
+    return {
+        "train_loss": loss_sum / max(seen, 1),
+        "train_images": seen * world,
+        "train_seconds": train_s,
+        "train_images_per_s": seen * world / max(train_s, 1e-9),
+        "data_from_cache": from_cache,
+    }
+
+
+def _checkpoint_and_report(
+    plan: WorkerPlan,
+    rank: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Scheduler,
+    metrics: dict[str, Any],
+    history: list[dict[str, Any]],
+) -> None:
+    """Every rank reports the epoch; rank 0 attaches the checkpoint (weights, optimizer state, the
+    metrics) and logs the metrics to MLflow."""
+    import ray.train
+
+    epoch = metrics["epoch"]
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = None
+        if rank == 0:
+            inner = getattr(model, "module", model)
+            save_classifier(inner, Path(tmp) / MEMBER_FILE, {"epoch": epoch, "val_auc": metrics["val_auc"]})
+            state = {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "epoch": epoch,
+                "history": history,
+            }
+            torch.save(state, Path(tmp) / STATE_FILE)
+            (Path(tmp) / METRICS_FILE).write_text(json.dumps({"metrics": metrics, "history": history}))
+            ckpt = ray.train.Checkpoint.from_directory(tmp)
+            if plan.mlflow_run_id:
+                tracking.log_metrics(plan.cfg, plan.mlflow_run_id, metrics, step=epoch)
+        # None ("not resumed") stays in the history; Ray's and Tune's loggers get numbers only.
+        reported = {k: v for k, v in metrics.items() if v is not None}
+        ray.train.report(reported, checkpoint=ckpt, checkpoint_dir_name=checkpoint_dir_name(epoch))
+
+
+def train_fn_per_worker(config: dict[str, Any]) -> None:
+    """The per-worker loop (Ray Train V2): ``config["plan"]`` is a ``WorkerPlan``. Build, resume,
+    record the attempt, then per epoch: train, validate, decide on early stopping, checkpoint, report.
+
+    Every rank calls ``ray.train.report`` once per epoch and stops at the same epoch (early stopping
+    decides on gathered, hence identical, validation metrics): DDP collectives stay matched.
+    """
+    import ray.train
+    import ray.train.torch
+    from ray.train.collective import broadcast_from_rank_zero
+
+    plan: WorkerPlan = config["plan"]
+    t = plan.cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    model, optimizer, scheduler = _build(plan)
+    resumed = _restore(model, optimizer, scheduler, plan)
     # Rank 0 records the attempt; the broadcast hands every rank the same plan (and is a barrier).
     attempt = broadcast_from_rank_zero(
         _record_attempt(
-            config["run_uri"], cfg.storage, config.get("fail_at_epoch"), start_epoch, resumed_from
+            plan.run_uri, plan.cfg.storage, t.fail_at_epoch, resumed.start_epoch, resumed.from_epoch
         )
         if rank == 0
         else None
     )
-
     model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
-    generator = torch.Generator().manual_seed(config["seed"] * 1000 + rank)
-    batch_size, cache = config["batch_size"], config.get("cache_in_memory", False)
-    train_data = ShardBatches(
-        ray.train.get_dataset_shard("train"), shape, batch_size, cache,
-        config["shuffle_buffer_rows"], seed=config["seed"] + rank,
-    )  # fmt: skip
-    val_data = ShardBatches(ray.train.get_dataset_shard("val"), shape, batch_size, cache)
+    generator = torch.Generator().manual_seed(t.seed * 1000 + rank) if t.augment else None
+    train_data, val_data = _worker_data(plan, rank)
 
-    for epoch in range(start_epoch, config["epochs"]):
+    history = list(resumed.history)
+    for epoch in range(resumed.start_epoch, t.epochs):
         if attempt["inject_failure_at"] == epoch:
             raise RuntimeError(f"injected failure at epoch {epoch} (train.fail_at_epoch), rank {rank}")
-        model.train()
-        from_cache = train_data.cached  # False for the epoch that streams (and fills the cache)
-        t0, seen, loss_sum = time.perf_counter(), 0, 0.0
-        for x, y in train_data.epoch(epoch, shuffle=True):
-            if len(y) < 2:
-                # BatchNorm cannot train on one image; ranks hold equal row counts (Ray Train splits
-                # datasets with equal=True), so every rank skips the same step.
-                continue
-            loss = train_step(model, optimizer, x, y, device, generator if config["augment"] else None)
-            seen += len(y)
-            loss_sum += loss * len(y)
-        scheduler.step()
-        train_s = time.perf_counter() - t0
         metrics: dict[str, Any] = {
             "epoch": epoch,
             "attempt": attempt["attempt"],
-            "resumed_from_epoch": resumed_from,
-            "train_loss": loss_sum / max(seen, 1),
-            "train_images": seen * world,
-            "train_seconds": train_s,
-            "train_images_per_s": seen * world / max(train_s, 1e-9),
-            "data_from_cache": from_cache,
-            "lr": scheduler.get_last_lr()[0],
-            **_validate(model, val_data, device),
+            "resumed_from_epoch": resumed.from_epoch,
+            **_train_epoch(model, optimizer, train_data, epoch, device, generator, world),
         }
-        stop = should_stop_early([*history, metrics], config.get("early_stopping_patience"))
-        metrics["early_stop"] = stop
+        scheduler.step()
+        metrics |= {"lr": scheduler.get_last_lr()[0], **_validate(model, val_data, device)}
+        metrics["early_stop"] = should_stop_early([*history, metrics], t.early_stopping_patience)
         history.append(metrics)
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if rank == 0:
-                inner = getattr(model, "module", model)
-                save_classifier(
-                    inner, Path(tmp) / MEMBER_FILE, {"epoch": epoch, "val_auc": metrics["val_auc"]}
-                )
-                state = {
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "epoch": epoch,
-                    "history": history,
-                }
-                torch.save(state, Path(tmp) / STATE_FILE)
-                (Path(tmp) / METRICS_FILE).write_text(json.dumps({"metrics": metrics, "history": history}))
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-                if config.get("mlflow_run_id"):
-                    tracking.log_metrics(cfg, config["mlflow_run_id"], metrics, step=epoch)
-            # None ("not resumed") stays in the history; Ray's and Tune's loggers get numbers only.
-            reported = {k: v for k, v in metrics.items() if v is not None}
-            ray.train.report(reported, checkpoint=ckpt, checkpoint_dir_name=checkpoint_dir_name(epoch))
-        if stop:
+        _checkpoint_and_report(plan, rank, model, optimizer, scheduler, metrics, history)
+        if metrics["early_stop"]:
             break
 
 
-def norm_stats(dataset_uri: str, cfg: Config, shape: tuple[int, int, int]) -> dict[str, list[float]]:
+def norm_stats(dataset_uri: str, cfg: Config, shape: tuple[int, int, int]) -> Normalisation:
     """Per-channel normalisation from a sample of training blocks (random block order, seeded):
     the noise scale (1.4826 x median absolute deviation: most pixels are sky) for the asinh stretch,
     then the mean and std of the stretched pixels."""
@@ -373,11 +473,11 @@ def norm_stats(dataset_uri: str, cfg: Config, shape: tuple[int, int, int]) -> di
     med = np.median(per_chan, axis=1, keepdims=True)
     scale = np.maximum(1.4826 * np.median(np.abs(per_chan - med), axis=1), 1e-12)
     stretched = np.arcsinh(per_chan / scale[:, None])
-    return {
-        "norm_scale": scale.tolist(),
-        "norm_mean": stretched.mean(axis=1).tolist(),
-        "norm_std": np.maximum(stretched.std(axis=1), 1e-6).tolist(),
-    }
+    return Normalisation(
+        scale=tuple(scale.tolist()),
+        mean=tuple(stretched.mean(axis=1).tolist()),
+        std=tuple(np.maximum(stretched.std(axis=1), 1e-6).tolist()),
+    )
 
 
 def fits_in_memory(cfg: Config, manifest: DatasetManifest) -> bool:
@@ -415,33 +515,17 @@ def fit(
     if cache_in_memory is None:
         cache_in_memory = fits_in_memory(cfg, manifest)
     run_id = tracking.start_run(
-        cfg, run_name, "train", manifest.dataset_id, params={**norm, "cache_in_memory": cache_in_memory}
+        cfg,
+        run_name,
+        "train",
+        manifest.dataset_id,
+        params={**norm.as_params(), "cache_in_memory": cache_in_memory},
     )
     if parent_run_id:
         tracking.client(cfg).set_tag(run_id, "mlflow.parentRunId", parent_run_id)
     t = cfg.train
     use_gpu = _gpus_available() if t.use_gpu is None else t.use_gpu
-    loop_config = {
-        "cfg": cfg.model_dump(mode="json"),
-        "run_uri": run_uri,
-        "model": t.model,
-        "image_shape": list(shape),
-        **norm,
-        "epochs": t.epochs,
-        "lr": t.lr,
-        "weight_decay": t.weight_decay,
-        "batch_size": t.batch_size,
-        "augment": t.augment,
-        "seed": t.seed,
-        "torch_threads": t.torch_threads,
-        "cpus_per_worker": t.cpus_per_worker,
-        "shuffle_buffer_rows": max(4 * t.batch_size, 1024),
-        "cache_in_memory": cache_in_memory,
-        "mlflow_run_id": run_id,
-        "fail_at_epoch": t.fail_at_epoch,
-        "early_stopping_patience": t.early_stopping_patience,
-        "pretrained_uri": t.pretrained_uri,
-    }
+    plan = WorkerPlan(cfg, run_uri, shape, norm, cache_in_memory, run_id)
     info = RunInfo(
         run_name=run_name, model=t.model, lr=t.lr, dataset_uri=dataset_uri, dataset_id=manifest.dataset_id,
         mlflow_run_id=run_id, image_shape=shape, in_chans=shape[0], pretrained_uri=t.pretrained_uri,
@@ -454,7 +538,7 @@ def fit(
     columns = ["image", "label"]
     trainer = TorchTrainer(
         train_fn_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config={"plan": plan},
         scaling_config=ScalingConfig(
             num_workers=t.num_workers, use_gpu=use_gpu, resources_per_worker=resources
         ),

@@ -37,9 +37,8 @@ import torch
 
 from lensmill.bench import machine, today, versions
 from lensmill.config import Config
-from lensmill.models import LensClassifier
 from lensmill.shards import dataset_uri_for, load_split, write_shards
-from lensmill.train import fit, fits_in_memory, norm_stats, train_step
+from lensmill.train import Normalisation, fit, fits_in_memory, norm_stats, train_step
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +64,7 @@ def run_baseline(
     cfg: Config,
     images: np.ndarray,
     labels: np.ndarray,
-    norm: dict[str, list[float]],
+    norm: Normalisation,
     epochs: int,
     threads: int,
 ) -> list[dict[str, Any]]:
@@ -76,9 +75,7 @@ def run_baseline(
     torch.set_num_threads(threads)
     try:
         torch.manual_seed(t.seed)
-        shape = images.shape[1:]
-        model = LensClassifier(t.model, shape[0], norm["norm_mean"], norm["norm_std"], norm["norm_scale"])
-        model = model.to(device)
+        model = norm.classifier(t.model).to(device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
         x_all = torch.from_numpy(images)  # (N, C, H, W) float32
