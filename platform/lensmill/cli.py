@@ -20,7 +20,8 @@ import numpy as np
 import typer
 from pydantic import BaseModel
 
-from lensmill.config import Config, ConfigError, load_config
+from lensmill.config import Config, load_config
+from lensmill.errors import LensmillError
 
 app = typer.Typer(
     name="lensmill",
@@ -36,14 +37,6 @@ ConfigPath = Annotated[
 Overrides = Annotated[
     list[str] | None, typer.Argument(help="key=value overrides, e.g. train.lr=3e-4 sim.n_train=5000")
 ]
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from lensmill.shards import DatasetError
-    from lensmill.storage import StorageError
-    from lensmill.tracking import TrackingError
-
-    return ConfigError, StorageError, DatasetError, TrackingError, FileNotFoundError
 
 
 def _json_default(obj: Any) -> Any:
@@ -76,7 +69,7 @@ def run_command(
 
         with ray_connection(cfg) if ray else nullcontext():
             out = fn(cfg)
-    except _user_errors() as exc:
+    except LensmillError as exc:  # the user's to fix: the message names the file, field or URI
         print(f"lensmill: error: {exc}", file=sys.stderr)
         emit({"ok": False, "error": str(exc)})
         raise typer.Exit(2) from None

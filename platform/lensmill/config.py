@@ -26,9 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-
-class ConfigError(ValueError):
-    """A config file or override that cannot be used; the message names what was wrong."""
+from lensmill.errors import ConfigError
 
 
 def _absolute_local(uri: str) -> str:

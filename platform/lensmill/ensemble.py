@@ -24,7 +24,7 @@ from lensmill.layout import ensemble_result_uri, stage_run_name
 from lensmill.metrics import apply_temperature, expected_calibration_error, fit_temperature
 from lensmill.models import load_classifier
 from lensmill.predict import EnsemblePredictor, Member
-from lensmill.records import TrialResult
+from lensmill.records import RunSummary, TrialResult
 from lensmill.shards import load_split
 from lensmill.storage import download_dir, is_s3, write_json
 from lensmill.tune import load_tune_results
@@ -70,6 +70,14 @@ def build_ensemble(cfg: Config) -> dict[str, Any]:
     chosen = [t.summary for t in select_members(trials, cfg.ensemble.max_members) if t.summary]
     if not chosen:
         raise RuntimeError("no usable trials to build an ensemble from")
+    with tracking.run(cfg, stage_run_name(cfg, "ensemble"), "ensemble", chosen[0].dataset_id) as run_id:
+        result = _weigh_and_register(cfg, chosen, run_id)
+    write_json(ensemble_result_uri(cfg), result, cfg.storage)
+    return result
+
+
+def _weigh_and_register(cfg: Config, chosen: list[RunSummary], run_id: str) -> dict[str, Any]:
+    """Member probabilities on validation, the weight search, the temperature, the registration."""
     dataset_uri = chosen[0].dataset_uri
     images, labels, _ = load_split(dataset_uri, "val", cfg.storage)
     with tempfile.TemporaryDirectory() as tmp:
@@ -97,7 +105,6 @@ def build_ensemble(cfg: Config) -> dict[str, Any]:
         out_dir = Path(tmp) / "ensemble"
         predictor.save(out_dir)
 
-        run_id = tracking.start_run(cfg, stage_run_name(cfg, "ensemble"), "ensemble", info["dataset_id"])
         member_aucs = [float(roc_auc_score(labels, probs[:, j])) for j in range(len(members))]
         tracking.log_metrics(
             cfg,
@@ -112,7 +119,6 @@ def build_ensemble(cfg: Config) -> dict[str, Any]:
             },
         )
         registered = tracking.register_ensemble(cfg, run_id, out_dir)
-        tracking.end_run(cfg, run_id)
 
     result = {
         "members": [
@@ -135,5 +141,4 @@ def build_ensemble(cfg: Config) -> dict[str, Any]:
         "mlflow_run_id": run_id,
         **registered,
     }
-    write_json(ensemble_result_uri(cfg), result, cfg.storage)
     return result

@@ -148,48 +148,49 @@ def evaluate(cfg: Config) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         champ = tracking.download_champion(cfg, Path(tmp) / "model")
         predictor = EnsemblePredictor.load(Path(champ["path"]))
-        dataset_uri = dataset_uri_for(cfg)
-        images, labels, params = load_split(dataset_uri, "test", cfg.storage)
-        out = predictor.predict(images)
-        columns = {
-            c: params.column(c).to_numpy(zero_copy_only=False)
-            for c in COMPLETENESS_COLUMNS
-            if params is not None and c in params.column_names
-        }
-        metrics = evaluation_metrics(
-            labels, out["p_lens"], out["p_lens_uncalibrated"], columns, predictor.threshold,
-            predictor.temperature, cfg.evaluate,
-        )  # fmt: skip
         model = f"{champ['name']}/{champ['version']}"
-        scores = {
-            "p_lens": out["p_lens"],
-            "p_lens_uncalibrated": out["p_lens_uncalibrated"],
-            "predicted_label": out["label"],
-            "spread": out["spread"],
-        }
-        scores |= {f"p_{n}": out["member_probs"][:, j] for j, n in enumerate(predictor.member_names)}
-        files_uri = evaluation_uri(cfg)
-        headline = ("accuracy", "roc_auc", "tpr0", "tpr10", "ece", "ece_uncalibrated", "temperature")
-        summary = {
-            "model": model,
-            "dataset_uri": dataset_uri,
-            "split": "test",
-            "n_images": int(len(labels)),
-            "members": dict(zip(predictor.member_names, predictor.weights.tolist(), strict=True)),
-            "headline": {k: metrics[k] for k in headline},
-            "roc_auc_ci95": metrics["roc_auc_ci95"],
-            "accuracy_ci95": metrics["accuracy_ci95"],
-            "files_uri": files_uri,
-        }
-        paths = write_report(Path(tmp) / "evaluation", labels, scores, params, metrics, summary)
-        for path in paths:  # to the storage root (local or S3) ...
-            write_bytes(join_uri(files_uri, path.name), path.read_bytes(), cfg.storage)
-        # ... and to MLflow, with the lineage tags every run carries (dataset_id, config hash, git sha).
+        # The run carries the lineage tags every run carries (dataset_id, config hash, git sha) and
+        # ends FAILED if scoring or reporting fails.
         dataset_id = predictor.info.get("dataset_id")
-        run_id = tracking.start_run(
+        with tracking.run(
             cfg, stage_run_name(cfg, "evaluate"), "evaluate", dataset_id, {"model": model}
-        )
-        tracking.log_metrics(cfg, run_id, _mlflow_scalars(metrics))
-        tracking.log_artifacts(cfg, run_id, paths, "evaluation")
-        tracking.end_run(cfg, run_id)
+        ) as run_id:
+            dataset_uri = dataset_uri_for(cfg)
+            images, labels, params = load_split(dataset_uri, "test", cfg.storage)
+            out = predictor.predict(images)
+            columns = {
+                c: params.column(c).to_numpy(zero_copy_only=False)
+                for c in COMPLETENESS_COLUMNS
+                if params is not None and c in params.column_names
+            }
+            metrics = evaluation_metrics(
+                labels, out["p_lens"], out["p_lens_uncalibrated"], columns, predictor.threshold,
+                predictor.temperature, cfg.evaluate,
+            )  # fmt: skip
+            scores = {
+                "p_lens": out["p_lens"],
+                "p_lens_uncalibrated": out["p_lens_uncalibrated"],
+                "predicted_label": out["label"],
+                "spread": out["spread"],
+            }
+            scores |= {f"p_{n}": out["member_probs"][:, j] for j, n in enumerate(predictor.member_names)}
+            files_uri = evaluation_uri(cfg)
+            headline = ("accuracy", "roc_auc", "tpr0", "tpr10", "ece", "ece_uncalibrated", "temperature")
+            summary = {
+                "model": model,
+                "dataset_uri": dataset_uri,
+                "split": "test",
+                "n_images": int(len(labels)),
+                "members": dict(zip(predictor.member_names, predictor.weights.tolist(), strict=True)),
+                "headline": {k: metrics[k] for k in headline},
+                "roc_auc_ci95": metrics["roc_auc_ci95"],
+                "accuracy_ci95": metrics["accuracy_ci95"],
+                "files_uri": files_uri,
+            }
+            paths = write_report(Path(tmp) / "evaluation", labels, scores, params, metrics, summary)
+            for path in paths:  # to the storage root (local or S3) ...
+                write_bytes(join_uri(files_uri, path.name), path.read_bytes(), cfg.storage)
+            # ... and to MLflow.
+            tracking.log_metrics(cfg, run_id, _mlflow_scalars(metrics))
+            tracking.log_artifacts(cfg, run_id, paths, "evaluation")
     return {"metrics": metrics, "model": model, "files_uri": files_uri, "mlflow_run_id": run_id}

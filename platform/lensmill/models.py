@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from lensmill.errors import ModelError
+
 if TYPE_CHECKING:
     from lensmill.config import StorageConfig
 
@@ -98,7 +100,7 @@ def _timm_model(name: str, in_chans: int, num_classes: int) -> nn.Module:
     try:
         return timm.create_model(name, pretrained=False, in_chans=in_chans, num_classes=num_classes)
     except RuntimeError as exc:  # timm raises RuntimeError("Unknown model ...")
-        raise ValueError(f"unknown timm model {name!r}: {exc}") from exc
+        raise ModelError(f"unknown timm model {name!r}: {exc}") from exc
 
 
 def list_models(pattern: str = "") -> list[str]:
@@ -128,7 +130,7 @@ def create_model(
     elif name in builders:
         model = builders[name]()
     else:
-        raise ValueError(f"unknown model {name!r}; choose one of {list_models()}")
+        raise ModelError(f"unknown model {name!r}; choose one of {list_models()}")
     if pretrained_path is not None:
         load_pretrained(model, pretrained_path, storage)
     return model
@@ -153,7 +155,7 @@ def read_state_dict(source: str | Path, storage: StorageConfig | None = None) ->
     else:
         path = Path(text.removeprefix("file://")).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"pretrained weights not found: {path}")
+            raise ModelError(f"pretrained weights not found: {path}")
         blob = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(blob, dict):
         for key in ("state_dict", "model"):
@@ -161,7 +163,7 @@ def read_state_dict(source: str | Path, storage: StorageConfig | None = None) ->
                 blob = blob[key]
                 break
     if not isinstance(blob, dict) or not all(isinstance(v, torch.Tensor) for v in blob.values()):
-        raise ValueError(f"{source} does not hold a state_dict (a mapping of parameter names to tensors)")
+        raise ModelError(f"{source} does not hold a state_dict (a mapping of parameter names to tensors)")
     return blob
 
 
@@ -215,7 +217,7 @@ def load_pretrained(
         else:
             skipped.append(key)
     if not new_state:
-        raise ValueError(
+        raise ModelError(
             f"no weight in {source} matches the model ({type(model).__name__}): wrong architecture?"
         )
     model.load_state_dict(new_state, strict=False)

@@ -215,16 +215,11 @@ def preview(
     summary = render_preview(uri, cfg.storage, out, split=split, n_per_class=n_per_class, seed=cfg.sim.seed)
     # Tracking is on with a server URI, or with the sqlite store a local storage root holds.
     if mlflow and (cfg.tracking.tracking_uri or not is_s3(cfg.storage.root)):
-        run_id = tracking.start_run(
+        with tracking.run(
             cfg, f"preview-{manifest.dataset_id}-{split}", "preview", manifest.dataset_id,
             params={"dataset_uri": uri, "split": split, "n_per_class": n_per_class},
-        )  # fmt: skip
-        try:
+        ) as run_id:  # fmt: skip
             tracking.log_artifacts(cfg, run_id, [out], "preview")
-        except Exception:
-            tracking.end_run(cfg, run_id, ok=False)
-            raise
-        tracking.end_run(cfg, run_id)
         summary |= {
             "mlflow_run_id": run_id,
             "tracking_uri": tracking.tracking_uri_for(cfg),

@@ -23,6 +23,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lensmill.config import StorageConfig
+from lensmill.errors import RecordError
 from lensmill.storage import read_bytes, write_bytes
 
 SHARD_FORMAT_VERSION = 1
@@ -30,10 +31,6 @@ ENSEMBLE_FORMAT_VERSION = 1
 
 PositiveInt = Annotated[int, Field(gt=0)]
 Count = Annotated[int, Field(ge=0)]
-
-
-class RecordError(ValueError):
-    """A stored record that cannot be read: missing fields, wrong types, not JSON. Names the URI."""
 
 
 class _Record(BaseModel):

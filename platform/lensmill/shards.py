@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 
 import lensmill
 from lensmill.config import Config, SimConfig, StorageConfig, stable_hash
+from lensmill.errors import DatasetError
 from lensmill.layout import MANIFEST_FILE, dataset_uri, manifest_uri, shard_path, shard_uri
 from lensmill.records import (
     SHARD_FORMAT_VERSION,
@@ -61,10 +62,6 @@ SPLITS: tuple[str, ...] = ("train", "val", "test")
 _SHARD_META_KEY = b"lensmill.shard"
 # Row groups of about this size: large enough for fast scans, small enough to stream.
 _ROW_GROUP_BYTES = 32 * 2**20
-
-
-class DatasetError(ValueError):
-    """A dataset that is incomplete, inconsistent or asked for something it does not hold."""
 
 
 # -- identity and layout ------------------------------------------------------------------------

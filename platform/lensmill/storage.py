@@ -15,10 +15,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from lensmill.config import StorageConfig
-
-
-class StorageError(OSError):
-    """A URI that cannot be reached, read or written; the message names the URI."""
+from lensmill.errors import StorageError
 
 
 def is_s3(uri: str) -> bool:

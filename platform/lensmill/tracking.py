@@ -12,6 +12,8 @@ import json
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -21,14 +23,11 @@ import yaml
 
 from lensmill import __version__
 from lensmill.config import Config
+from lensmill.errors import TrackingError
 from lensmill.layout import mlflow_artifacts_path, mlflow_db_path
 from lensmill.storage import is_s3
 
 PIP_REQUIREMENTS = ["lensmill", "torch", "torchvision", "timm", "numpy"]
-
-
-class TrackingError(RuntimeError):
-    """MLflow could not be reached or has no such model; the message says which URI."""
 
 
 def tracking_uri_for(cfg: Config) -> str:
@@ -44,10 +43,16 @@ def tracking_uri_for(cfg: Config) -> str:
     return f"sqlite:///{db}"
 
 
-def client(cfg: Config):  # -> mlflow.MlflowClient (import kept lazy: mlflow is slow to import)
+@cache
+def _client_for(uri: str):  # -> mlflow.MlflowClient (import kept lazy: mlflow is slow to import)
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=tracking_uri_for(cfg), registry_uri=tracking_uri_for(cfg))
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def client(cfg: Config):  # -> mlflow.MlflowClient
+    """One client per tracking URI and process (MlflowClient builds its stores on creation)."""
+    return _client_for(tracking_uri_for(cfg))
 
 
 @cache
@@ -90,7 +95,40 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
-def start_run(
+@contextmanager
+def run(
+    cfg: Config,
+    run_name: str,
+    stage: str,
+    dataset_id: str | None = None,
+    params: dict[str, Any] | None = None,
+) -> Iterator[str]:
+    """``with tracking.run(cfg, name, stage) as run_id:`` — the one way a stage opens an MLflow run.
+
+    The run carries the full config, its hash, the dataset id and the git sha; it ends FINISHED when
+    the block completes and FAILED when it raises (KILLED on Ctrl-C), never left RUNNING.
+    """
+    with ending(cfg, _create_run(cfg, run_name, stage, dataset_id, params)) as run_id:
+        yield run_id
+
+
+@contextmanager
+def ending(cfg: Config, run_id: str) -> Iterator[str]:
+    """End an existing run when the block leaves: FINISHED, FAILED on an exception (re-raised), KILLED
+    on Ctrl-C. For runs whose process went away mid-block (a trial Tune stopped) and that a later
+    step completes."""
+    try:
+        yield run_id
+    except KeyboardInterrupt:
+        client(cfg).set_terminated(run_id, "KILLED")
+        raise
+    except BaseException:
+        client(cfg).set_terminated(run_id, "FAILED")
+        raise
+    client(cfg).set_terminated(run_id, "FINISHED")
+
+
+def _create_run(
     cfg: Config,
     run_name: str,
     stage: str,
@@ -147,10 +185,6 @@ def log_artifacts(cfg: Config, run_id: str, paths: list[Path], artifact_path: st
     c = client(cfg)
     for p in paths:
         c.log_artifact(run_id, str(p), artifact_path)
-
-
-def end_run(cfg: Config, run_id: str, ok: bool = True) -> None:
-    client(cfg).set_terminated(run_id, "FINISHED" if ok else "FAILED")
 
 
 def _pyfunc_model():  # defined lazily so that importing lensmill does not import mlflow

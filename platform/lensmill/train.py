@@ -499,9 +499,6 @@ def fit(
     ``cache_in_memory``: keep each worker's decoded shards in memory after the first epoch; None
     decides by size (``fits_in_memory``).
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     run_name = run_name or run_name_for(cfg)
     run_uri = run_uri_for(cfg, run_name)
     finished = read_summary(cfg, run_name)
@@ -514,29 +511,34 @@ def fit(
     norm = norm_stats(dataset_uri, cfg, shape)
     if cache_in_memory is None:
         cache_in_memory = fits_in_memory(cfg, manifest)
-    run_id = tracking.start_run(
-        cfg,
-        run_name,
-        "train",
-        manifest.dataset_id,
-        params={**norm.as_params(), "cache_in_memory": cache_in_memory},
-    )
-    if parent_run_id:
-        tracking.client(cfg).set_tag(run_id, "mlflow.parentRunId", parent_run_id)
-    t = cfg.train
+    params = {**norm.as_params(), "cache_in_memory": cache_in_memory}
+    with tracking.run(cfg, run_name, "train", manifest.dataset_id, params) as run_id:
+        if parent_run_id:
+            tracking.client(cfg).set_tag(run_id, "mlflow.parentRunId", parent_run_id)
+        t = cfg.train
+        info = RunInfo(
+            run_name=run_name, model=t.model, lr=t.lr, dataset_uri=dataset_uri,
+            dataset_id=manifest.dataset_id, mlflow_run_id=run_id, image_shape=shape, in_chans=shape[0],
+            pretrained_uri=t.pretrained_uri, cache_in_memory=cache_in_memory,
+        )  # fmt: skip
+        write_record(join_uri(run_uri, RUN_INFO_FILE), info, cfg.storage)
+        plan = WorkerPlan(cfg, run_uri, shape, norm, cache_in_memory, run_id)
+        _trainer(plan, run_name, dataset_uri, callbacks).fit()
+        return summarize_run(cfg, run_name)
+
+
+def _trainer(plan: WorkerPlan, run_name: str, dataset_uri: str, callbacks: list | None) -> Any:
+    """The ``TorchTrainer`` of one run: workers, checkpoints under the runs folder, the two splits."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    cfg, t = plan.cfg, plan.cfg.train
     use_gpu = _gpus_available() if t.use_gpu is None else t.use_gpu
-    plan = WorkerPlan(cfg, run_uri, shape, norm, cache_in_memory, run_id)
-    info = RunInfo(
-        run_name=run_name, model=t.model, lr=t.lr, dataset_uri=dataset_uri, dataset_id=manifest.dataset_id,
-        mlflow_run_id=run_id, image_shape=shape, in_chans=shape[0], pretrained_uri=t.pretrained_uri,
-        cache_in_memory=cache_in_memory,
-    )  # fmt: skip
-    write_record(join_uri(run_uri, RUN_INFO_FILE), info, cfg.storage)
     runs = locate(runs_uri(cfg), cfg.storage)
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     # Only the two columns training reads: Ray Data pushes the projection down into the Parquet scan.
     columns = ["image", "label"]
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_fn_per_worker,
         train_loop_config={"plan": plan},
         scaling_config=ScalingConfig(
@@ -561,12 +563,11 @@ def fit(
             "val": read_shards(dataset_uri, "val", cfg.storage).select_columns(columns),
         },
     )
-    try:
-        trainer.fit()
-    except Exception:
-        tracking.end_run(cfg, run_id, ok=False)
-        raise
-    return summarize_run(cfg, run_name)
+
+
+def read_run_info(cfg: Config, run_name: str) -> RunInfo:
+    """What the run was started with; ``StorageError`` when it never started."""
+    return read_record(join_uri(run_uri_for(cfg, run_name), RUN_INFO_FILE), RunInfo, cfg.storage)
 
 
 def read_summary(cfg: Config, run_name: str) -> RunSummary | None:
@@ -579,14 +580,15 @@ def read_summary(cfg: Config, run_name: str) -> RunSummary | None:
 
 def summarize_run(cfg: Config, run_name: str, stopped_early: bool = False) -> RunSummary:
     """The run's summary, rebuilt from what is in storage alone (so it also works for a trial that
-    Tune stopped mid-run); written next to the checkpoints and closing the run's MLflow record.
+    Tune stopped mid-run); written next to the checkpoints and logged to the run's MLflow record
+    (which the caller ends: ``fit``'s ``tracking.run``, or ``tracking.ending`` for a stopped trial).
 
     ``stopped_early``: Tune's scheduler stopped the run; it counts only when epochs were left.
     ``stop_reason`` tells that apart from early stopping on validation AUC
     (``train.early_stopping_patience``).
     """
     run_uri = run_uri_for(cfg, run_name)
-    info = read_record(join_uri(run_uri, RUN_INFO_FILE), RunInfo, cfg.storage)
+    info = read_run_info(cfg, run_name)
     reports = [
         (uri.rsplit("/", 2)[-2], read_json(uri, cfg.storage))
         for uri in list_files(run_uri, cfg.storage)
@@ -631,7 +633,6 @@ def summarize_run(cfg: Config, run_name: str, stopped_early: bool = False) -> Ru
     tracking.log_dict(cfg, run_id, latest["history"], "history.json")
     if summary.stop_reason:
         tracking.client(cfg).set_tag(run_id, "lensmill.stopped_early", summary.stop_reason)
-    tracking.end_run(cfg, run_id)
     write_record(join_uri(run_uri, SUMMARY_FILE), summary, cfg.storage)
     return summary
 

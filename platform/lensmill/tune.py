@@ -21,7 +21,7 @@ from lensmill.layout import (
 from lensmill.records import BestTrial, TrialResult, TuneResults, read_record, write_record
 from lensmill.shards import dataset_uri_for, read_manifest
 from lensmill.storage import StorageError, is_s3, locate
-from lensmill.train import fit, read_summary, summarize_run
+from lensmill.train import fit, read_run_info, read_summary, summarize_run
 
 
 def trial_config(base: Config, model: str, lr: float) -> Config:
@@ -46,13 +46,20 @@ def tune_architectures(cfg: Config) -> TuneResults:
     """Run the search; every trial's result. A trial ASHA stopped early still counts, with its best
     checkpoint so far (``stopped_early``); only trials that never checkpointed are left out of the
     ensemble's candidates."""
+    # Fails here, naming the URI, when the dataset is missing, rather than inside every trial.
+    manifest = read_manifest(dataset_uri_for(cfg), cfg.storage)
+    with tracking.run(cfg, stage_run_name(cfg, "tune"), "tune", manifest.dataset_id) as parent:
+        out = _search(cfg, parent)
+    write_record(tune_results_uri(cfg), out, cfg.storage)
+    return out
+
+
+def _search(cfg: Config, parent: str) -> TuneResults:
+    """The trials (those finished before are not run again), then every trial's result."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
     t = cfg.tune
-    # Fails here, naming the URI, when the dataset is missing, rather than inside every trial.
-    manifest = read_manifest(dataset_uri_for(cfg), cfg.storage)
-    parent = tracking.start_run(cfg, stage_run_name(cfg, "tune"), "tune", manifest.dataset_id)
     pairs = [{"model": m, "lr": lr} for m in t.models for lr in t.lrs]
     done = {i: read_summary(cfg, trial_run_name(cfg, p)) for i, p in enumerate(pairs)}
     # Runs finished before (same config) are not trained again: the search resumes where it stopped.
@@ -95,13 +102,13 @@ def tune_architectures(cfg: Config) -> TuneResults:
         error = None
         if summary is None:
             try:  # ASHA stopped it (the trial process is gone): summarise from its checkpoints
-                summary = summarize_run(cfg, name, stopped_early=True)
+                with tracking.ending(cfg, read_run_info(cfg, name).mlflow_run_id):
+                    summary = summarize_run(cfg, name, stopped_early=True)
             except (StorageError, RuntimeError) as exc:  # failed before its first checkpoint
                 error = errors.get((p["model"], p["lr"]), str(exc))
         trials.append(TrialResult(model=p["model"], lr=p["lr"], run_name=name, summary=summary, error=error))
     usable = [x for x in trials if x.usable]
     if not usable:
-        tracking.end_run(cfg, parent, ok=False)
         raise RuntimeError(f"no tune trial produced a checkpoint: {[x.error for x in trials]}")
     best = max(usable, key=lambda x: x.val_auc)
     tracking.log_metrics(cfg, parent, {"best_val_auc": best.val_auc, "trials_usable": len(usable)})
@@ -111,8 +118,6 @@ def tune_architectures(cfg: Config) -> TuneResults:
         mlflow_run_id=parent,
     )
     tracking.log_dict(cfg, parent, out.model_dump(mode="json"), TUNE_FILE)
-    tracking.end_run(cfg, parent)
-    write_record(tune_results_uri(cfg), out, cfg.storage)
     return out
 
 

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 
+from lensmill.errors import ModelError
 from lensmill.models import (
     LensClassifier,
     create_model,
@@ -71,7 +72,7 @@ def test_pretrained_weights_from_a_lensmill_member_file(tmp_path):
 
 
 def test_pretrained_errors_are_clear(tmp_path):
-    with pytest.raises(FileNotFoundError, match="pretrained weights not found"):
+    with pytest.raises(ModelError, match="pretrained weights not found"):
         create_model("tiny", pretrained_path=tmp_path / "missing.pt")
     torch.save(create_model("tiny").state_dict(), tmp_path / "tiny.pt")
     with pytest.raises(ValueError, match="wrong architecture"):
