@@ -35,7 +35,6 @@ from lensmill.plots import (
     plot_roc,
     plot_score_histogram,
 )
-from lensmill.predict import EnsemblePredictor
 from lensmill.shards import dataset_uri_for, load_split
 from lensmill.storage import join_uri, write_bytes
 
@@ -146,9 +145,8 @@ def evaluate(cfg: Config) -> dict[str, Any]:
     ensemble stage); ECE is reported before and after that calibration, on test data it never saw.
     """
     with tempfile.TemporaryDirectory() as tmp:
-        champ = tracking.download_champion(cfg, Path(tmp) / "model")
-        predictor = EnsemblePredictor.load(Path(champ["path"]))
-        model = f"{champ['name']}/{champ['version']}"
+        loaded = tracking.load_ensemble(cfg, Path(tmp) / "model")
+        predictor, model = loaded.predictor, loaded.ref
         # The run carries the lineage tags every run carries (dataset_id, config hash, git sha) and
         # ends FAILED if scoring or reporting fails.
         dataset_id = predictor.info.get("dataset_id")

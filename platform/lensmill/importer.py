@@ -7,9 +7,11 @@ directory). Each image becomes one row of the same Parquet shards that ``shards.
 column) plus ``source_path``; a CSV may carry ``PARAM_KEYS`` columns (e.g. ``theta_e_arcsec``), the
 rest are NaN. ``shards.read_manifest`` / ``load_split`` / ``read_shards`` read the result unchanged.
 
-Pixel values are kept as stored (a PNG's 0-255 counts become 0.0-255.0): no rescaling, so the
-pixels read back are the pixels imported. Array layouts: PNG grayscale -> 1 channel, RGB(A) -> 3
-(alpha dropped); FITS (first HDU with data) and NPY: 2-D (H, W) -> 1 channel, 3-D is (C, H, W).
+Files are decoded by ``lensmill.images``, as the serving endpoint decodes uploads, so a file gives the
+same array at import and at serving time. Pixel values are kept as stored (a PNG's 0-255 counts become
+0.0-255.0): no rescaling, so the pixels read back are the pixels imported. Array layouts: PNG grayscale
+-> 1 channel, colour (RGB, RGBA, palette) -> 3 (alpha dropped); FITS (first image HDU with data) and
+NPY: 2-D (H, W) -> 1 channel, 3-D is (C, H, W).
 
 Splits are drawn per class with a seeded shuffle, so every split keeps the class mix and the same
 inputs and options give the same dataset, byte for byte (the dataset id is a hash of the relative
@@ -20,7 +22,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import logging
 import math
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 
 from lensmill.config import StorageConfig, stable_hash
+from lensmill.images import SUFFIXES, ImageDecodeError, UnsupportedImageType, decode_image, image_kind
 from lensmill.layout import dataset_uri, manifest_uri, shard_path, shard_uri
 from lensmill.records import SHARD_FORMAT_VERSION, DatasetManifest, ImportInputs, ShardFile, SplitCounts
 from lensmill.shards import (
@@ -46,15 +48,12 @@ from lensmill.storage import absolute_uri, ensure_writable, exists, write_bytes
 
 log = logging.getLogger(__name__)
 
-SUFFIXES: dict[str, str] = {".png": "png", ".fits": "fits", ".fit": "fits", ".fts": "fits", ".npy": "npy"}
 # Class folder names (lower case) -> label.
 CLASS_NAMES: dict[str, int] = {
     "1": 1, "lens": 1, "lenses": 1, "positive": 1, "positives": 1,
     "0": 0, "nonlens": 0, "nonlenses": 0, "non-lens": 0, "non-lenses": 0, "non_lens": 0,
     "non_lenses": 0, "negative": 0, "negatives": 0,
 }  # fmt: skip
-# More channels than this on the first axis of a 3-D array, with few on the last, is (H, W, C).
-_MAX_CHANNELS = 16
 
 
 class CutoutImportError(DatasetError):
@@ -74,74 +73,23 @@ class Item:
 # -- reading one file -----------------------------------------------------------------------------
 
 
-def _as_chw(array: np.ndarray, path: Path, layout: str) -> np.ndarray:
-    if array.ndim == 2:
-        array = array[None]
-    elif array.ndim == 3:
-        if array.shape[0] > _MAX_CHANNELS and array.shape[2] <= 4:
-            raise CutoutImportError(
-                f"{path}: array of shape {array.shape} looks like (H, W, C); {layout} arrays must be "
-                "(C, H, W) or (H, W)"
-            )
-    else:
-        raise CutoutImportError(
-            f"{path}: {array.ndim}-D array of shape {array.shape}; expected (H, W) or (C, H, W)"
-        )
-    if array.dtype.kind not in "biuf":
-        raise CutoutImportError(f"{path}: unsupported pixel type {array.dtype}")
-    return np.ascontiguousarray(array, dtype=np.float32)
-
-
-def _read_png(data: bytes, path: Path) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
+def _kind(path: Path) -> str:
+    """An input file's format by its suffix; an unsupported one is refused, naming the path."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            mode = img.mode
-            if mode == "P":  # palette: expand to what the palette holds
-                img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-                mode = img.mode
-            if mode in ("RGBA", "RGBa", "CMYK", "YCbCr", "LAB", "HSV"):
-                img = img.convert("RGB")
-            elif mode in ("LA", "La", "1"):
-                img = img.convert("L")
-            array = np.asarray(img)
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise CutoutImportError(f"{path}: not a readable PNG: {exc}") from None
-    # Pillow gives (H, W) or (H, W, 3); shards hold (C, H, W).
-    return _as_chw(array.transpose(2, 0, 1) if array.ndim == 3 else array, path, "PNG")
-
-
-def _read_fits(data: bytes, path: Path) -> np.ndarray:
-    from astropy.io import fits
-
-    try:
-        with fits.open(io.BytesIO(data), memmap=False) as hdus:
-            for hdu in hdus:
-                if hdu.data is not None and getattr(hdu.data, "size", 0) > 0 and hdu.is_image:
-                    # FITS is big-endian: astype gives native float32 (what the shards hold).
-                    return _as_chw(np.asarray(hdu.data), path, "FITS")
-    except (OSError, ValueError, TypeError) as exc:
-        raise CutoutImportError(f"{path}: not a readable FITS file: {exc}") from None
-    raise CutoutImportError(f"{path}: no image HDU with data")
-
-
-def _read_npy(data: bytes, path: Path) -> np.ndarray:
-    try:
-        array = np.load(io.BytesIO(data), allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:
-        raise CutoutImportError(f"{path}: not a readable .npy array: {exc}") from None
-    return _as_chw(array, path, "NPY")
+        return image_kind(str(path))
+    except UnsupportedImageType as exc:
+        raise CutoutImportError(str(exc)) from None
 
 
 def read_image(path: Path, data: bytes | None = None) -> np.ndarray:
-    """One cutout file -> float32 (C, H, W) with its stored pixel values."""
-    kind = SUFFIXES.get(path.suffix.lower())
-    if kind is None:
-        raise CutoutImportError(f"{path}: unsupported file type (expected one of {sorted(SUFFIXES)})")
+    """One cutout file -> float32 (C, H, W) with its stored pixel values (``lensmill.images`` rules)."""
     if data is None:
+        _kind(path)  # refused by its name before it is read
         data = path.read_bytes()
-    return {"png": _read_png, "fits": _read_fits, "npy": _read_npy}[kind](data, path)
+    try:
+        return decode_image(data, str(path))
+    except ImageDecodeError as exc:
+        raise CutoutImportError(str(exc)) from None
 
 
 # -- finding the inputs ---------------------------------------------------------------------------
@@ -173,8 +121,7 @@ def items_from_folders(src: Path) -> list[Item]:
         for path in sorted(folder.rglob("*")):
             if not path.is_file() or any(part.startswith(".") for part in path.relative_to(src).parts):
                 continue
-            if path.suffix.lower() not in SUFFIXES:
-                raise CutoutImportError(f"{path}: unsupported file type (expected one of {sorted(SUFFIXES)})")
+            _kind(path)
             items.append(Item(path.relative_to(src).as_posix(), path, label))
     return items
 
@@ -265,7 +212,7 @@ def _table(items: list[Item], images: list[np.ndarray], split: str, row_start: i
 
 def _default_bands(items: list[Item], channels: int) -> list[str]:
     """PNG colour channels are R, G, B (reddest first); other files' channels are numbered."""
-    if channels == 3 and all(SUFFIXES[it.path.suffix.lower()] == "png" for it in items):
+    if channels == 3 and all(_kind(it.path) == "png" for it in items):
         return ["R", "G", "B"]
     return [f"band{c}" for c in range(channels)]
 
@@ -394,7 +341,7 @@ def import_cutouts(
         inputs=ImportInputs(
             count=len(items),
             sha256=hashlib.sha256("\n".join(digests).encode()).hexdigest(),
-            kinds=tuple(sorted({SUFFIXES[it.path.suffix.lower()] for it in items})),
+            kinds=tuple(sorted({_kind(it.path) for it in items})),
         ),
         versions=software_versions(),
     )

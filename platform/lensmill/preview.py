@@ -10,7 +10,6 @@ when tracking is on, logged to MLflow through ``lensmill.tracking``.
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 from pathlib import Path
@@ -18,13 +17,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from lensmill.config import Config, StorageConfig
-from lensmill.layout import shard_uri
 from lensmill.records import DatasetManifest
-from lensmill.shards import decode_images, read_manifest, split_files
-from lensmill.storage import absolute_uri, is_s3, read_bytes
+from lensmill.shards import decode_images, iter_split, read_manifest, split_files
+from lensmill.storage import absolute_uri, is_s3
 
 log = logging.getLogger(__name__)
 
@@ -88,12 +85,10 @@ def _sample_rows(
     seed: int,
 ) -> tuple[np.ndarray, np.ndarray, pa.Table]:
     """Read shards of ``split`` until a few times ``n_per_class`` of each class, then sample."""
-    files = split_files(manifest, dataset_uri, split)
     rng = np.random.default_rng(seed)
+    order = rng.permutation(len(split_files(manifest, dataset_uri, split)))  # not always the first rows
     tables, counts = [], np.zeros(2, int)
-    for i in rng.permutation(len(files)):  # shards in random order: not always the first rows
-        data = read_bytes(shard_uri(dataset_uri, files[i].path), storage)
-        table = pq.read_table(io.BytesIO(data)).replace_schema_metadata(None)
+    for table in iter_split(dataset_uri, manifest, split, storage, order):
         tables.append(table)
         y = table.column("label").to_numpy()
         counts += [(y == 0).sum(), (y == 1).sum()]

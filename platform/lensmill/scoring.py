@@ -18,6 +18,7 @@ from lensmill.config import Config
 from lensmill.layout import predictions_uri
 from lensmill.shards import dataset_uri_for, decode_images, read_manifest, read_shards
 from lensmill.storage import is_s3, locate
+from lensmill.tracking import load_ensemble
 
 KEEP_COLUMNS = ("row_id", "split", "label", "theta_e_arcsec", "arc_snr")
 
@@ -26,15 +27,9 @@ class EnsembleScorer:
     """A Ray Data callable class: loads the ensemble once per actor, scores (N, C, H, W) batches."""
 
     def __init__(self, config: dict[str, Any], model_dir: str | None, image_shape: list[int]) -> None:
-        from lensmill.predict import EnsemblePredictor
-
         cfg = Config.model_validate(config)
-        self._tmp = tempfile.TemporaryDirectory(prefix="lensmill-scorer-")
-        if model_dir is None:
-            from lensmill.tracking import download_champion
-
-            model_dir = str(download_champion(cfg, Path(self._tmp.name))["path"])
-        self.predictor = EnsemblePredictor.load(Path(model_dir))
+        self._tmp = tempfile.TemporaryDirectory(prefix="lensmill-scorer-")  # the champion's files
+        self.predictor = load_ensemble(cfg, Path(self._tmp.name), model_dir).predictor
         self.shape = tuple(image_shape)
         if tuple(self.predictor.image_shape) != self.shape:
             raise ValueError(f"model takes images {self.predictor.image_shape}, dataset has {self.shape}")

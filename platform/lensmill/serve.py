@@ -1,17 +1,20 @@
 """Ray Serve deployment with a FastAPI ingress that scores images with an ``EnsemblePredictor``.
 
-HTTP contract (see DESIGN.md §3):
+HTTP contract (the README's "Keep the endpoint up and query it" shows it in use):
 
 - ``POST /v1/predict``: JSON ``{"images": [...]}`` (nested lists) or ``{"npy_b64": "<base64 .npy>"}``,
-  or ``multipart/form-data`` with files in field ``files`` (``.npy``, ``.fits``/``.fit``/``.fts``,
-  ``.png``). Answers ``{"model": {"name", "version"}, "predictions": [{"p_lens", "label", "members",
-  "spread"}, ...]}``, one prediction per image, in request order (files in upload order).
+  or ``multipart/form-data`` with files in field ``files`` (``.png``, ``.fits``/``.fit``/``.fts``,
+  ``.npy``). Each file is decoded by ``lensmill.images``, exactly as ``lensmill import`` decodes it
+  (PNG grayscale -> 1 channel, colour -> 3, values as stored), and must hold one image of the model's
+  (C, H, W); a 4-D ``.npy`` holds a stack (N, C, H, W). Answers ``{"model": {"name", "version"},
+  "predictions": [{"p_lens", "label", "members", "spread"}, ...]}``, one prediction per image, in
+  request order (files in upload order).
 - ``GET /healthz`` and ``GET /v1/model``; OpenAPI at ``/docs``.
 - Client mistakes answer 4xx with ``{"error": "..."}``.
 
 Requests are micro-batched with ``@serve.batch`` on ``LensEndpoint.score_batch`` (each queued item is
 one request's (n, C, H, W) array). The model comes from a local ensemble directory (``model_dir``) or
-from the MLflow registry (``lensmill.tracking.download_champion``).
+from the MLflow registry (``lensmill.tracking.load_ensemble``).
 
 This module deliberately avoids ``from __future__ import annotations``: FastAPI and Serve's class-based
 views inspect route signatures at runtime.
@@ -20,7 +23,6 @@ views inspect route signatures at runtime.
 import asyncio
 import base64
 import binascii
-import io
 import json
 import logging
 import shlex
@@ -45,14 +47,22 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lensmill import __version__
 from lensmill.config import Config, ServeConfig, load_config
+from lensmill.images import (
+    SUFFIXES,
+    ImageDecodeError,
+    UnsupportedImageType,
+    decode_image,
+    decode_npy_array,
+    image_kind,
+    to_chw,
+)
 from lensmill.predict import EnsembleNotFoundError, EnsemblePredictor
+from lensmill.tracking import load_ensemble
 
 logger = logging.getLogger("lensmill.serve")
 
 APP_NAME = "lensmill"
 DEPLOYMENT_NAME = "LensEndpoint"
-FITS_SUFFIXES = (".fits", ".fit", ".fts")
-SUPPORTED_SUFFIXES = (".npy", *FITS_SUFFIXES, ".png")
 # Multipart field names that carry image files.
 FILE_FIELDS = ("files", "file")
 BUILD_ARGS = ("config_path", "overrides", "model_dir")
@@ -74,61 +84,24 @@ class ClientError(Exception):
 # Request decoding: pure functions (no Ray), shared by the endpoint and usable in tests.
 # ---------------------------------------------------------------------------------------------------
 def decode_npy(data: bytes, what: str = "npy") -> np.ndarray:
-    """A ``.npy`` file's array; pickled object arrays are refused."""
+    """A ``.npy`` file's array, any shape (``npy_b64`` carries a batch); pickled data is refused."""
     try:
-        arr = np.load(io.BytesIO(data), allow_pickle=False)
-    except Exception as exc:  # numpy raises ValueError/OSError/EOFError for damaged files
-        raise ClientError(400, f"{what}: could not decode as .npy: {exc}") from None
-    if not isinstance(arr, np.ndarray):  # .npz archives load as NpzFile
-        raise ClientError(400, f"{what}: expected a single .npy array, not an .npz archive")
-    return arr
+        return decode_npy_array(data, what)
+    except ImageDecodeError as exc:
+        raise ClientError(400, str(exc)) from None
 
 
-def decode_fits(data: bytes, what: str = "fits") -> np.ndarray:
-    """The first image HDU with data in a FITS file."""
-    from astropy.io import fits
-
+def decode_file(filename: str, data: bytes) -> np.ndarray:
+    """One uploaded file -> its image (C, H, W) as ``lensmill.images`` decodes it (as at import), or
+    for a 4-D ``.npy`` its stack of images (N, C, H, W)."""
     try:
-        with fits.open(io.BytesIO(data), memmap=False) as hdul:
-            for hdu in hdul:
-                if hdu.is_image and hdu.data is not None and hdu.data.size > 0:
-                    # astropy applies BSCALE/BZERO; copying to native float32 drops the big-endian view.
-                    return np.array(hdu.data, dtype=np.float32)
-    except Exception as exc:  # astropy raises OSError/ValueError/TypeError for damaged files
-        raise ClientError(400, f"{what}: could not decode as FITS: {exc}") from None
-    raise ClientError(400, f"{what}: the FITS file has no image HDU with data")
-
-
-def decode_png(data: bytes, channels: int, what: str = "png") -> np.ndarray:
-    """A PNG as (H, W) when the model takes 1 channel, or (3, H, W) when it takes 3."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise ClientError(400, f"{what}: could not decode as PNG: {exc}") from None
-    if channels == 1:
-        # 16-bit and float grayscale keep their values; everything else becomes 8-bit luminance.
-        if img.mode not in ("L", "I", "I;16", "I;16B", "I;16L", "F"):
-            img = img.convert("L")
-        return np.asarray(img, dtype=np.float32)
-    if channels == 3:
-        return np.asarray(img.convert("RGB"), dtype=np.float32).transpose(2, 0, 1)
-    raise ClientError(415, f"{what}: PNG holds 1 or 3 channels, but the model takes {channels}")
-
-
-def decode_file(filename: str, data: bytes, channels: int) -> np.ndarray:
-    """Decode one uploaded file by its extension."""
-    suffix = Path(filename).suffix.lower()
-    what = f"file {filename!r}"
-    if suffix == ".npy":
-        return decode_npy(data, what)
-    if suffix in FITS_SUFFIXES:
-        return decode_fits(data, what)
-    if suffix == ".png":
-        return decode_png(data, channels, what)
-    raise ClientError(415, f"{what}: unsupported file type; send one of {', '.join(SUPPORTED_SUFFIXES)}")
+        if image_kind(filename) == "npy":
+            array = decode_npy_array(data, filename)
+            return array if array.ndim == 4 else to_chw(array, filename)
+        return decode_image(data, filename)
+    except ImageDecodeError as exc:
+        status = 415 if isinstance(exc, UnsupportedImageType) else 400
+        raise ClientError(status, f"file {filename!r}: {exc.reason}") from None
 
 
 def parse_multipart(body: bytes, content_type: str) -> list[tuple[str, bytes]]:
@@ -195,8 +168,9 @@ def decode_request(
     if media == "multipart/form-data":
         arrays = []
         for filename, data in parse_multipart(body, content_type):
-            raw = decode_file(filename, data, predictor.image_shape[0])
-            arrays.append(_validated(predictor, raw, f"file {filename!r}"))
+            raw = decode_file(filename, data)
+            # One image goes in as a batch of one, so that its (C, H, W) must be the model's.
+            arrays.append(_validated(predictor, raw[None] if raw.ndim == 3 else raw, f"file {filename!r}"))
         images = np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
     elif media in ("", "application/json") or media.endswith("+json"):
         images = decode_json(body, predictor)
@@ -273,7 +247,7 @@ _PREDICT_BODY = {
                         "files": {
                             "type": "array",
                             "items": {"type": "string", "format": "binary"},
-                            "description": "image files: " + ", ".join(SUPPORTED_SUFFIXES),
+                            "description": "image files: " + ", ".join(SUFFIXES),
                         }
                     },
                     "required": ["files"],
@@ -334,24 +308,11 @@ class LensEndpoint:
 
     def __init__(self, config: dict[str, Any], model_dir: str | None = None) -> None:
         self.cfg = Config.model_validate(config)
-        if model_dir:
-            path = Path(model_dir)
-            self.predictor = EnsemblePredictor.load(path)
-            info = self.predictor.info
-            self.model_name = str(info.get("name") or self.cfg.tracking.registered_model)
-            self.model_version = str(info.get("version") or "local")
-            self.source = "local"
-        else:
-            # Imported here: tracking pulls in MLflow, which only the registry path needs.
-            from lensmill.tracking import download_champion
-
-            # Kept on the replica: removed when the replica goes away.
-            self._download_dir = tempfile.TemporaryDirectory(prefix="lensmill-champion-")
-            got = download_champion(self.cfg, Path(self._download_dir.name))
-            self.predictor = EnsemblePredictor.load(Path(got["path"]))
-            self.model_name = str(got["name"])
-            self.model_version = str(got["version"])
-            self.source = "mlflow"
+        # Kept on the replica (removed when the replica goes away): the downloaded champion's files.
+        self._download_dir = tempfile.TemporaryDirectory(prefix="lensmill-champion-")
+        loaded = load_ensemble(self.cfg, Path(self._download_dir.name), model_dir or None)
+        self.predictor = loaded.predictor
+        self.model_name, self.model_version, self.source = loaded.name, loaded.version, loaded.source
         # @serve.batch arguments are fixed at class definition; the config's values are applied here.
         self.score_batch.set_max_batch_size(self.cfg.serve.max_batch_size)
         self.score_batch.set_batch_wait_timeout_s(self.cfg.serve.batch_wait_timeout_s)

@@ -22,6 +22,7 @@ import hashlib
 import io
 import json
 import logging
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -384,20 +385,31 @@ def decode_images(column: Any, shape: tuple[int, int, int]) -> np.ndarray:
     return np.frombuffer(buf, np.float32).reshape(n, *shape)
 
 
+def iter_split(
+    dataset_uri: str,
+    manifest: DatasetManifest,
+    split: str,
+    storage: StorageConfig,
+    order: Sequence[int] | None = None,
+) -> Iterator[pa.Table]:
+    """The one in-process reader of a split's files: each listed file as a table, its checksum checked
+    against the manifest, in manifest order or in ``order`` (indices into the split's files)."""
+    files = split_files(manifest, dataset_uri, split)
+    for i in range(len(files)) if order is None else order:
+        f = files[i]
+        uri = shard_uri(dataset_uri, f.path)
+        data = read_bytes(uri, storage)
+        if f.sha256 is not None and hashlib.sha256(data).hexdigest() != f.sha256:
+            raise DatasetError(f"{uri} does not match the checksum in its manifest")
+        yield pq.read_table(io.BytesIO(data)).replace_schema_metadata(None)
+
+
 def load_split(
     dataset_uri: str, split: str, storage: StorageConfig
 ) -> tuple[np.ndarray, np.ndarray, pa.Table]:
     """In-process read of one split: images (N, C, H, W) float32, labels (N,) int64, other columns."""
     manifest = read_manifest(dataset_uri, storage)
-    files = split_files(manifest, dataset_uri, split)
-    tables = []
-    for f in files:
-        uri = shard_uri(dataset_uri, f.path)
-        data = read_bytes(uri, storage)
-        if f.sha256 is not None and hashlib.sha256(data).hexdigest() != f.sha256:
-            raise DatasetError(f"{uri} does not match the checksum in its manifest")
-        tables.append(pq.read_table(io.BytesIO(data)).replace_schema_metadata(None))
-    table = pa.concat_tables(tables)
+    table = pa.concat_tables(iter_split(dataset_uri, manifest, split, storage))
     images = decode_images(table.column("image"), manifest.image_shape)
     labels = table.column("label").to_numpy().astype(np.int64)
     return images, labels, table.drop_columns(["image", "label"])

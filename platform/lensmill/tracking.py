@@ -14,9 +14,10 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import yaml
@@ -26,6 +27,9 @@ from lensmill.config import Config
 from lensmill.errors import TrackingError
 from lensmill.layout import mlflow_artifacts_path, mlflow_db_path
 from lensmill.storage import is_s3
+
+if TYPE_CHECKING:
+    from lensmill.predict import EnsemblePredictor
 
 PIP_REQUIREMENTS = ["lensmill", "torch", "torchvision", "timm", "numpy"]
 
@@ -252,3 +256,32 @@ def download_champion(cfg: Config, dst_dir: Path) -> dict[str, Any]:
     if not found:
         raise TrackingError(f"model {name}/{mv.version} holds no ensemble.json")
     return {"path": found[0].parent, "name": name, "version": str(mv.version), "run_id": mv.run_id}
+
+
+@dataclass(frozen=True)
+class LoadedEnsemble:
+    """An ensemble ready to score, and where it came from."""
+
+    predictor: EnsemblePredictor
+    name: str
+    version: str  # the registry version, or "local" for a folder
+    source: str  # "mlflow" or "local"
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}/{self.version}"
+
+
+def load_ensemble(cfg: Config, download_dir: Path, model_dir: str | Path | None = None) -> LoadedEnsemble:
+    """The one way a stage gets the ensemble it scores with: the local ensemble folder ``model_dir``
+    when given, else ``models:/<name>@<alias>`` downloaded into ``download_dir`` (which the caller
+    keeps while it scores)."""
+    from lensmill.predict import EnsemblePredictor
+
+    if model_dir is not None:
+        predictor = EnsemblePredictor.load(Path(model_dir))
+        info = predictor.info
+        name = str(info.get("name") or cfg.tracking.registered_model)
+        return LoadedEnsemble(predictor, name, str(info.get("version") or "local"), "local")
+    champ = download_champion(cfg, download_dir)
+    return LoadedEnsemble(EnsemblePredictor.load(champ["path"]), champ["name"], champ["version"], "mlflow")

@@ -234,7 +234,7 @@ def test_predict_npy_b64(http: httpx.Client, reference: EnsemblePredictor) -> No
 
 
 def test_predict_multipart_files(http: httpx.Client, reference: EnsemblePredictor) -> None:
-    stack = _images(2, seed=3)[:, 0]
+    stack = _images(2, seed=3)  # a 4-D .npy is a stack; a 3-D one would be one (C, H, W) image
     fits_img = _images(1, seed=4)[0, 0] * 100.0
     png_img = np.random.default_rng(5).integers(0, 256, SHAPE[1:], dtype=np.uint8)
     files = [
@@ -244,7 +244,7 @@ def test_predict_multipart_files(http: httpx.Client, reference: EnsemblePredicto
     ]
     r = http.post("/v1/predict", files=files)
     assert r.status_code == 200, r.text
-    expected_images = np.concatenate([stack, fits_img[None], png_img[None].astype(np.float32)])
+    expected_images = np.concatenate([stack[:, 0], fits_img[None], png_img[None].astype(np.float32)])
     _assert_match(r.json()["predictions"], reference.predict(expected_images), reference.member_names)
 
 
@@ -295,6 +295,12 @@ def test_concurrent_requests(http: httpx.Client, endpoint: str, reference: Ensem
         ({"files": [("files", ("broken.fits", b"SIMPLE  = garbage", "application/fits"))]}, 400, "FITS"),
         ({"files": [("files", ("broken.png", b"\x89PNG nope", "image/png"))]}, 400, "PNG"),
         ({"files": [("files", ("small.npy", _npy(np.zeros((8, 8))), "x"))]}, 422, "small.npy"),
+        # Decoded as at import: an RGB PNG is (3, H, W), not the 1-channel model's luminance.
+        (
+            {"files": [("files", ("rgb.png", _png(np.zeros((32, 32, 3), np.uint8)), "image/png"))]},
+            422,
+            "received shape (1, 3, 32, 32)",
+        ),
     ],
 )
 def test_client_errors(http: httpx.Client, kwargs: dict[str, Any], status: int, fragment: str) -> None:

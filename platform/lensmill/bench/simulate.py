@@ -38,6 +38,7 @@ from typing import Any
 
 from lensmill.bench import machine, today, versions
 from lensmill.config import Config, SimConfig, StorageConfig
+from lensmill.runtime import connect
 
 log = logging.getLogger(__name__)
 
@@ -245,22 +246,6 @@ def _bench_config(cfg: Config, storage: StorageConfig, n_images: int) -> Config:
     return cfg.model_copy(update={"sim": sim, "storage": storage, "dataset_uri": None})
 
 
-def _start_ray(cfg: Config) -> bool:
-    """Join ``ray.address`` / $RAY_ADDRESS, or start a local Ray with one CPU per core (not
-    ``ray.num_cpus``: more logical CPUs than cores would run more actors than cores). True when
-    this call started or joined Ray (and should shut it down)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, logging_level="WARNING")
-    else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
-    return True
-
-
 def _cores(actors: int) -> int:
     """Physical cores the actor pool ran on: the actors, capped at this machine's cores when the
     cluster is this one machine (a local Ray may declare more logical CPUs than there are cores)."""
@@ -312,7 +297,9 @@ def run_simulate_bench(
     )
 
     t0 = time.perf_counter()
-    started = _start_ray(cfg)
+    # One CPU per core (not ray.num_cpus: more logical CPUs than cores would run more actors than
+    # cores); no dashboard, whose processes would take CPU from the timed actors.
+    started = connect(cfg, num_cpus=os.cpu_count(), include_dashboard=False)
     ray_start_s = time.perf_counter() - t0
     storage, root, remote = _bench_storage(cfg)
     try:
