@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from lensmill import tracking
+from lensmill import plots, tracking
 from lensmill.config import Config, EvaluateConfig
 from lensmill.layout import evaluation_uri, stage_run_name
 from lensmill.metrics import (
@@ -26,14 +26,6 @@ from lensmill.metrics import (
     compute_metrics,
     expected_calibration_error,
     reliability_table,
-)
-from lensmill.plots import (
-    plot_completeness,
-    plot_confusion,
-    plot_pr,
-    plot_reliability,
-    plot_roc,
-    plot_score_histogram,
 )
 from lensmill.shards import dataset_uri_for, load_split
 from lensmill.storage import join_uri, write_bytes
@@ -75,16 +67,18 @@ def write_report(
         out_dir / "detailed_predictions.csv",
         out_dir / "metrics.json",
         out_dir / "evaluation_summary.json",
-        plot_roc(labels, p, out_dir / "roc.png", title=summary.get("model", "")),
-        plot_pr(labels, p, out_dir / "pr_curve.png"),
-        plot_confusion(metrics, out_dir / "confusion_matrix.png"),
-        plot_score_histogram(labels, p, out_dir / "score_histogram.png", threshold=metrics["threshold"]),
-        plot_reliability(labels, curves, out_dir / "reliability.png", n_bins),
+        plots.plot_roc(labels, p, out_dir / "roc.png", title=summary.get("model", "")),
+        plots.plot_pr(labels, p, out_dir / "pr_curve.png"),
+        plots.plot_confusion(metrics, out_dir / "confusion_matrix.png"),
+        plots.plot_score_histogram(
+            labels, p, out_dir / "score_histogram.png", threshold=metrics["threshold"]
+        ),
+        plots.plot_reliability(labels, curves, out_dir / "reliability.png", n_bins),
     ]
     for column, table_rows in metrics.get("completeness", {}).items():
         xlabel = COMPLETENESS_COLUMNS.get(column, column)
         path = out_dir / f"completeness_{column}.png"
-        paths.append(plot_completeness(table_rows, path, xlabel, threshold=metrics["threshold"]))
+        paths.append(plots.plot_completeness(table_rows, path, xlabel, threshold=metrics["threshold"]))
     return paths
 
 

@@ -112,7 +112,27 @@ def run(
     The run carries the full config, its hash, the dataset id and the git sha; it ends FINISHED when
     the block completes and FAILED when it raises (KILLED on Ctrl-C), never left RUNNING.
     """
-    with ending(cfg, _create_run(cfg, run_name, stage, dataset_id, params)) as run_id:
+    from mlflow.entities import Param
+
+    c = client(cfg)
+    tags = {
+        "mlflow.runName": run_name,
+        "lensmill.stage": stage,
+        "lensmill.version": __version__,
+        "config_hash": cfg.hash(),
+        "git_sha": git_sha(),
+        "mlflow.source.git.commit": git_sha(),
+    }
+    if dataset_id:
+        tags["dataset_id"] = dataset_id
+    run_id = c.create_run(experiment_id(cfg), run_name=run_name, tags=tags).info.run_id
+    with ending(cfg, run_id):
+        flat = _flatten(cfg.model_dump(mode="json"))
+        flat.update({k: str(v) for k, v in (params or {}).items()})
+        items = [Param(k, v) for k, v in sorted(flat.items())]
+        for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+            c.log_batch(run_id, params=items[i : i + 100])
+        log_dict(cfg, run_id, cfg.model_dump(mode="json"), "config.yaml")
         yield run_id
 
 
@@ -130,38 +150,6 @@ def ending(cfg: Config, run_id: str) -> Iterator[str]:
         client(cfg).set_terminated(run_id, "FAILED")
         raise
     client(cfg).set_terminated(run_id, "FINISHED")
-
-
-def _create_run(
-    cfg: Config,
-    run_name: str,
-    stage: str,
-    dataset_id: str | None = None,
-    params: dict[str, Any] | None = None,
-) -> str:
-    """Create a run carrying the full config, its hash, the dataset id and the git sha; returns its id."""
-    from mlflow.entities import Param
-
-    c = client(cfg)
-    tags = {
-        "mlflow.runName": run_name,
-        "lensmill.stage": stage,
-        "lensmill.version": __version__,
-        "config_hash": cfg.hash(),
-        "git_sha": git_sha(),
-        "mlflow.source.git.commit": git_sha(),
-    }
-    if dataset_id:
-        tags["dataset_id"] = dataset_id
-    run = c.create_run(experiment_id(cfg), run_name=run_name, tags=tags)
-    run_id = run.info.run_id
-    flat = _flatten(cfg.model_dump(mode="json"))
-    flat.update({k: str(v) for k, v in (params or {}).items()})
-    items = [Param(k, v) for k, v in sorted(flat.items())]
-    for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
-        c.log_batch(run_id, params=items[i : i + 100])
-    log_dict(cfg, run_id, cfg.model_dump(mode="json"), "config.yaml")
-    return run_id
 
 
 def log_metrics(cfg: Config, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
