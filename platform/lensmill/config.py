@@ -484,8 +484,12 @@ class TrainConfig(_Frozen):
     num_workers: int = Field(1, ge=1)
     # CPUs Ray reserves per worker; torch uses that many threads (Ray pins OMP_NUM_THREADS to it).
     cpus_per_worker: float = Field(2.0, gt=0)
-    # None = use GPUs when the cluster has them.
-    use_gpu: bool | None = None
+    # One GPU per worker (NCCL between workers, bf16 autocast) or CPUs only (gloo). Explicit, never
+    # guessed from what is up when training starts: an autoscaling cluster adds GPU nodes only once
+    # workers ask for them.
+    use_gpu: bool = False
+    # Extra Ray resources per worker, e.g. {"accelerator_type:H100": 0.001} or a custom node label.
+    resources_per_worker: dict[str, float] = Field(default_factory=dict)
     # torch intra-op threads per worker; 0 = one per reserved CPU.
     torch_threads: int = Field(0, ge=0)
     augment: bool = True

@@ -9,6 +9,7 @@ driver, a Tune trial or a Ray Train worker.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import tempfile
 import time
@@ -59,9 +60,15 @@ def client(cfg: Config):  # -> mlflow.MlflowClient
     return _client_for(tracking_uri_for(cfg))
 
 
+GIT_SHA_ENV = "LENSMILL_GIT_SHA"
+
+
 @cache
 def git_sha() -> str:
-    """The commit this code runs from, or "unknown" (e.g. in a Ray job's working_dir without .git)."""
+    """The commit this code runs from: $LENSMILL_GIT_SHA when set (a Ray job's working_dir has no
+    .git: the submitter passes it in the runtime env), else ``git rev-parse HEAD``, else "unknown"."""
+    if os.environ.get(GIT_SHA_ENV):
+        return os.environ[GIT_SHA_ENV]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent

@@ -530,20 +530,21 @@ def fit(
 def _trainer(plan: WorkerPlan, run_name: str, dataset_uri: str, callbacks: list | None) -> Any:
     """The ``TorchTrainer`` of one run: workers, checkpoints under the runs folder, the two splits."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     cfg, t = plan.cfg, plan.cfg.train
-    use_gpu = _gpus_available() if t.use_gpu is None else t.use_gpu
     runs = locate(runs_uri(cfg), cfg.storage)
-    resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    resources = {**t.resources_per_worker, "CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
     # Only the two columns training reads: Ray Data pushes the projection down into the Parquet scan.
     columns = ["image", "label"]
     return TorchTrainer(
         train_fn_per_worker,
         train_loop_config={"plan": plan},
         scaling_config=ScalingConfig(
-            num_workers=t.num_workers, use_gpu=use_gpu, resources_per_worker=resources
+            num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources
         ),
+        # NCCL between GPU workers, gloo between CPU workers.
+        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         run_config=RunConfig(
             name=run_name,
             storage_path=runs.path,
@@ -635,9 +636,3 @@ def summarize_run(cfg: Config, run_name: str, stopped_early: bool = False) -> Ru
         tracking.client(cfg).set_tag(run_id, "lensmill.stopped_early", summary.stop_reason)
     write_record(join_uri(run_uri, SUMMARY_FILE), summary, cfg.storage)
     return summary
-
-
-def _gpus_available() -> bool:
-    import ray
-
-    return ray.cluster_resources().get("GPU", 0) > 0

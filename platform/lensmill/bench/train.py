@@ -70,7 +70,7 @@ def run_baseline(
 ) -> list[dict[str, Any]]:
     """The plain loop over in-memory (N, C, H, W) images; per epoch: images trained and seconds."""
     t = cfg.train
-    device = torch.device("cuda" if t.use_gpu is not False and torch.cuda.is_available() else "cpu")
+    device = torch.device("cuda" if t.use_gpu else "cpu")
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
