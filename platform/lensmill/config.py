@@ -543,14 +543,51 @@ class TrackingConfig(_Frozen):
     alias: str = "champion"
 
 
+class ServeAutoscaling(_Frozen):
+    """Serve's replica autoscaling: replicas are added while each has more than
+    ``target_ongoing_requests`` in flight, up to ``max_replicas``, and removed when idle."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(4, ge=1)
+    target_ongoing_requests: float = Field(2.0, gt=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ServeAutoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
+        return self
+
+
 class ServeConfig(_Frozen):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    # A fixed number of replicas, unless ``autoscaling`` is set.
     num_replicas: int = Field(1, ge=1)
+    autoscaling: ServeAutoscaling | None = None
     cpus_per_replica: float = Field(0.5, gt=0)
+    # > 0: each replica reserves this share of a GPU and scores on it (the cluster then needs GPU nodes).
+    gpus_per_replica: float = Field(0.0, ge=0)
     max_batch_size: int = Field(32, ge=1)
     batch_wait_timeout_s: float = Field(0.01, ge=0)
     max_images_per_request: int = Field(256, ge=1)
+
+
+class ScoringConfig(_Frozen):
+    """Batch scoring (``lensmill predict``): an actor pool that grows with the cluster."""
+
+    min_actors: int = Field(1, ge=1)
+    # None: as many as the cluster (and its autoscaler) can place.
+    max_actors: int | None = Field(None, ge=1)
+    cpus_per_actor: float = Field(1.0, gt=0)
+    # > 0: each actor reserves this share of a GPU and scores on it.
+    gpus_per_actor: float = Field(0.0, ge=0)
+    batch_size: int = Field(256, ge=1)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ScoringConfig:
+        if self.max_actors is not None and self.min_actors > self.max_actors:
+            raise ValueError(f"min_actors ({self.min_actors}) exceeds max_actors ({self.max_actors})")
+        return self
 
 
 class RayConfig(_Frozen):
@@ -572,6 +609,7 @@ class Config(_Frozen):
     evaluate: EvaluateConfig = EvaluateConfig()
     tracking: TrackingConfig = TrackingConfig()
     serve: ServeConfig = ServeConfig()
+    scoring: ScoringConfig = ScoringConfig()
     ray: RayConfig = RayConfig()
     # Set to reuse an existing dataset instead of the one this config's sim section describes.
     dataset_uri: str | None = None

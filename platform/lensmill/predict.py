@@ -178,6 +178,7 @@ class EnsemblePredictor:
         self._info = dict(info or {})
         self._batch_size = int(batch_size)
         self._temperature = t
+        self._device = torch.device("cpu")
         # Stored normalised so that combine() and spread use the same weights the files describe.
         self._weights = weights / weights.sum()
 
@@ -213,6 +214,13 @@ class EnsemblePredictor:
         """Ensemble-level metadata from ``ensemble.json`` (dataset_id, ...), a copy."""
         return dict(self._info)
 
+    def to(self, device: str | torch.device) -> EnsemblePredictor:
+        """Score on ``device`` (e.g. ``"cuda"``): the members move there; inputs and outputs stay numpy."""
+        self._device = torch.device(device)
+        for m in self._members:
+            m.model.to(self._device)
+        return self
+
     # -- scoring ----------------------------------------------------------------------------------
     def validate_images(self, images: Any) -> np.ndarray:
         """``validate_images`` against this ensemble's image shape."""
@@ -225,7 +233,7 @@ class EnsemblePredictor:
         out = np.empty((n, len(self._members)), dtype=np.float64)
         with torch.inference_mode():
             for start in range(0, n, self._batch_size):
-                x = torch.from_numpy(batch[start : start + self._batch_size])
+                x = torch.from_numpy(batch[start : start + self._batch_size]).to(self._device)
                 for j, member in enumerate(self._members):
                     logits = member.model(x).reshape(-1)
                     if logits.shape[0] != x.shape[0]:
@@ -233,7 +241,7 @@ class EnsemblePredictor:
                             f"member {member.name!r} gave {logits.shape[0]} logits for {x.shape[0]} images"
                         )
                     # Sigmoid in float64 keeps probabilities near 0 and 1 distinguishable.
-                    out[start : start + x.shape[0], j] = torch.sigmoid(logits.double()).numpy()
+                    out[start : start + x.shape[0], j] = torch.sigmoid(logits.double()).cpu().numpy()
         return out
 
     @staticmethod

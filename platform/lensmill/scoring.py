@@ -29,7 +29,10 @@ class EnsembleScorer:
     def __init__(self, config: dict[str, Any], model_dir: str | None, image_shape: list[int]) -> None:
         cfg = Config.model_validate(config)
         self._tmp = tempfile.TemporaryDirectory(prefix="lensmill-scorer-")  # the champion's files
-        self.predictor = load_ensemble(cfg, Path(self._tmp.name), model_dir).predictor
+        on_gpu = cfg.scoring.gpus_per_actor > 0
+        self.predictor = load_ensemble(cfg, Path(self._tmp.name), model_dir).predictor.to(
+            "cuda" if on_gpu else "cpu"
+        )
         self.shape = tuple(image_shape)
         if tuple(self.predictor.image_shape) != self.shape:
             raise ValueError(f"model takes images {self.predictor.image_shape}, dataset has {self.shape}")
@@ -53,6 +56,7 @@ def score_dataset(
     """Score one split with the champion (or ``model_dir``); Parquet predictions under ``out_uri``."""
     from ray.data import ActorPoolStrategy
 
+    sc = cfg.scoring
     dataset_uri = dataset_uri or dataset_uri_for(cfg)
     manifest = read_manifest(dataset_uri, cfg.storage)
     out_uri = out_uri or predictions_uri(cfg, manifest.dataset_id, split)
@@ -63,9 +67,11 @@ def score_dataset(
             "model_dir": str(model_dir.resolve()) if model_dir else None,
             "image_shape": list(manifest.image_shape),
         },
-        batch_size=256,
-        compute=ActorPoolStrategy(min_size=1, max_size=cfg.ray.num_cpus or 2),
-        num_cpus=1,
+        batch_size=sc.batch_size,
+        # Grows with the cluster (the autoscaler adds nodes for pending actors) up to max_actors.
+        compute=ActorPoolStrategy(min_size=sc.min_actors, max_size=sc.max_actors),
+        num_cpus=sc.cpus_per_actor,
+        num_gpus=sc.gpus_per_actor,
     )
     out = locate(out_uri, cfg.storage)
     scored.write_parquet(out.path, filesystem=out.filesystem if is_s3(out.uri) else None, mode="overwrite")

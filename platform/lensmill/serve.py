@@ -311,7 +311,7 @@ class LensEndpoint:
         # Kept on the replica (removed when the replica goes away): the downloaded champion's files.
         self._download_dir = tempfile.TemporaryDirectory(prefix="lensmill-champion-")
         loaded = load_ensemble(self.cfg, Path(self._download_dir.name), model_dir or None)
-        self.predictor = loaded.predictor
+        self.predictor = loaded.predictor.to("cuda" if self.cfg.serve.gpus_per_replica > 0 else "cpu")
         self.model_name, self.model_version, self.source = loaded.name, loaded.version, loaded.source
         # @serve.batch arguments are fixed at class definition; the config's values are applied here.
         self.score_batch.set_max_batch_size(self.cfg.serve.max_batch_size)
@@ -408,6 +408,18 @@ def max_ongoing_requests(serve_cfg: ServeConfig) -> int:
     return 2 * serve_cfg.max_batch_size
 
 
+def deployment_options(s: ServeConfig) -> dict[str, Any]:
+    """Replicas (a fixed count, or Serve's autoscaling), their CPUs and GPUs, and batching headroom."""
+    replicas: dict[str, Any] = {"num_replicas": s.num_replicas}
+    if s.autoscaling is not None:
+        replicas = {"autoscaling_config": s.autoscaling.model_dump()}
+    return {
+        **replicas,
+        "ray_actor_options": {"num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica},
+        "max_ongoing_requests": max_ongoing_requests(s),
+    }
+
+
 def build_endpoint(cfg: Config, model_dir: str | Path | None = None) -> Application:
     """The Serve application for ``cfg``: replicas, CPUs and batching from ``cfg.serve``."""
     local_dir = None
@@ -418,12 +430,7 @@ def build_endpoint(cfg: Config, model_dir: str | Path | None = None) -> Applicat
         if not (path / "ensemble.json").is_file():
             raise EnsembleNotFoundError(f"no ensemble.json in {path}: not an ensemble directory")
         local_dir = str(path)
-    s = cfg.serve
-    deployment = LensEndpoint.options(
-        num_replicas=s.num_replicas,
-        ray_actor_options={"num_cpus": s.cpus_per_replica},
-        max_ongoing_requests=max_ongoing_requests(s),
-    )
+    deployment = LensEndpoint.options(**deployment_options(cfg.serve))
     return deployment.bind(cfg.model_dump(mode="json"), local_dir)
 
 

@@ -1,0 +1,50 @@
+"""Resources come from the config, never from what is up when a stage starts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lensmill.config import ConfigError, load_config
+from lensmill.models import LensClassifier
+from lensmill.predict import EnsemblePredictor, Member
+from lensmill.serve import build_endpoint, deployment_options
+
+
+def test_serve_replicas_fixed_or_autoscaled() -> None:
+    fixed = deployment_options(load_config(None, ["serve.num_replicas=3"]).serve)
+    assert fixed["num_replicas"] == 3 and "autoscaling_config" not in fixed
+    assert fixed["ray_actor_options"] == {"num_cpus": 0.5, "num_gpus": 0.0}
+    cfg = load_config(
+        None, ["serve.autoscaling={min_replicas: 0, max_replicas: 6, target_ongoing_requests: 4}",
+               "serve.gpus_per_replica=0.25"],
+    )  # fmt: skip
+    opts = deployment_options(cfg.serve)
+    assert "num_replicas" not in opts
+    assert opts["autoscaling_config"] == {
+        "min_replicas": 0,
+        "max_replicas": 6,
+        "target_ongoing_requests": 4.0,
+    }
+    assert opts["ray_actor_options"]["num_gpus"] == 0.25
+    deployment = build_endpoint(cfg)._bound_deployment
+    auto = deployment._deployment_config.autoscaling_config
+    assert (auto.min_replicas, auto.max_replicas, auto.target_ongoing_requests) == (0, 6, 4.0)
+    with pytest.raises(ConfigError, match="serve.autoscaling"):
+        load_config(None, ["serve.autoscaling={min_replicas: 5, max_replicas: 2}"])
+
+
+def test_scoring_pool_bounds() -> None:
+    sc = load_config(None, []).scoring
+    assert sc.min_actors == 1 and sc.max_actors is None and sc.gpus_per_actor == 0
+    with pytest.raises(ConfigError, match="scoring"):
+        load_config(None, ["scoring.min_actors=4", "scoring.max_actors=2"])
+
+
+def test_predictor_moves_to_a_device_and_answers_the_same() -> None:
+    model = LensClassifier("tiny", 1, [0.0], [1.0])
+    predictor = EnsemblePredictor([Member("a", model, 1.0)], (1, 16, 16))
+    images = np.random.default_rng(0).normal(size=(3, 1, 16, 16)).astype(np.float32)
+    before = predictor.predict(images)["p_lens"]
+    assert predictor.to("cpu") is predictor
+    np.testing.assert_allclose(predictor.predict(images)["p_lens"], before)
