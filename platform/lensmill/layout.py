@@ -38,17 +38,12 @@ TUNE_FILE = "tune_results.json"
 ENSEMBLE_FILE = "ensemble_result.json"
 
 
-def root_uri(root: str) -> str:
-    """The storage root as an absolute URI."""
-    return absolute_uri(root)
-
-
 # -- datasets -------------------------------------------------------------------------------------
 
 
 def dataset_uri(root: str, dataset_id: str) -> str:
     """``{root}/datasets/{dataset_id}``."""
-    return join_uri(root_uri(root), "datasets", dataset_id)
+    return join_uri(absolute_uri(root), "datasets", dataset_id)
 
 
 def manifest_uri(dataset_uri: str) -> str:
@@ -70,7 +65,7 @@ def shard_uri(dataset_uri: str, path: str) -> str:
 
 def runs_uri(cfg: Config) -> str:
     """``{root}/runs``: Ray Train's and Ray Tune's ``storage_path``."""
-    return join_uri(root_uri(cfg.storage.root), "runs")
+    return join_uri(absolute_uri(cfg.storage.root), "runs")
 
 
 def run_name_for(cfg: Config) -> str:
@@ -129,8 +124,8 @@ def predictions_uri(cfg: Config, dataset_id: str, split: str) -> str:
 
 def mlflow_db_path(cfg: Config) -> str:
     """The sqlite file of the local MLflow store (only for a local storage root)."""
-    return join_uri(root_uri(cfg.storage.root), "mlflow.db")
+    return join_uri(absolute_uri(cfg.storage.root), "mlflow.db")
 
 
 def mlflow_artifacts_path(cfg: Config) -> str:
-    return join_uri(root_uri(cfg.storage.root), "mlartifacts")
+    return join_uri(absolute_uri(cfg.storage.root), "mlartifacts")

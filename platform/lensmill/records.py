@@ -249,7 +249,7 @@ class EnsembleManifest(_OpenRecord):
     (``dataset_id``, ``config_hash``, …) are kept and become ``EnsemblePredictor.info``.
     """
 
-    format_version: Literal[1]
+    format_version: Literal[ENSEMBLE_FORMAT_VERSION]
     image_shape: tuple[PositiveInt, PositiveInt, PositiveInt]
     threshold: Annotated[float, Field(gt=0, lt=1)] = 0.5
     temperature: Annotated[float, Field(gt=0)] = 1.0

@@ -56,6 +56,7 @@ from lensmill.images import (
     image_kind,
     to_chw,
 )
+from lensmill.predict import MANIFEST as ENSEMBLE_MANIFEST
 from lensmill.predict import EnsembleNotFoundError, EnsemblePredictor
 from lensmill.tracking import load_ensemble
 
@@ -427,8 +428,8 @@ def build_endpoint(cfg: Config, model_dir: str | Path | None = None) -> Applicat
         # Absolute, because replicas do not share the caller's working directory; checked here so
         # that a typo fails now rather than as a replica crash loop.
         path = Path(model_dir).expanduser().resolve()
-        if not (path / "ensemble.json").is_file():
-            raise EnsembleNotFoundError(f"no ensemble.json in {path}: not an ensemble directory")
+        if not (path / ENSEMBLE_MANIFEST).is_file():
+            raise EnsembleNotFoundError(f"no {ENSEMBLE_MANIFEST} in {path}: not an ensemble directory")
         local_dir = str(path)
     deployment = LensEndpoint.options(**deployment_options(cfg.serve))
     return deployment.bind(cfg.model_dump(mode="json"), local_dir)

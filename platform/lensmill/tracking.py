@@ -233,6 +233,8 @@ def download_champion(cfg: Config, dst_dir: Path) -> dict[str, Any]:
     """Fetch the ensemble behind ``models:/<name>@<alias>``; returns its local path, name and version."""
     import mlflow
 
+    from lensmill.predict import MANIFEST
+
     name, alias = cfg.tracking.registered_model, cfg.tracking.alias
     try:
         mv = client(cfg).get_model_version_by_alias(name, alias)
@@ -247,9 +249,9 @@ def download_champion(cfg: Config, dst_dir: Path) -> dict[str, Any]:
     local = mlflow.artifacts.download_artifacts(
         artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(dst_dir), tracking_uri=tracking_uri_for(cfg)
     )
-    found = sorted(Path(local).rglob("ensemble.json"))
+    found = sorted(Path(local).rglob(MANIFEST))
     if not found:
-        raise TrackingError(f"model {name}/{mv.version} holds no ensemble.json")
+        raise TrackingError(f"model {name}/{mv.version} holds no {MANIFEST}")
     return {"path": found[0].parent, "name": name, "version": str(mv.version), "run_id": mv.run_id}
 
 
