@@ -37,6 +37,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def node_ports() -> list[str]:
+    """``ray start`` flags giving a head every port it opens, each chosen free: Ray's defaults
+    (52365 for the dashboard agent, for one) collide with any other Ray on the machine."""
+    return [
+        f"--dashboard-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+        f"--ray-client-server-port={free_port()}",
+    ]
+
+
 def wait_for(check, what: str, timeout_s: float = 90.0, interval_s: float = 0.5) -> None:
     """Poll ``check()`` until it is truthy; a bounded loop in count and time."""
     deadline = time.monotonic() + timeout_s
@@ -81,8 +94,7 @@ def ray_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         # CPUs: under load that cleaner can miss a trial Tune stopped, leaving its worker group's CPUs
         # reserved; headroom keeps the next trial from waiting on them forever.
         "--num-cpus=8", "--include-dashboard=true", f"--dashboard-host={LOOPBACK}",
-        f"--dashboard-port={free_port()}", f"--temp-dir={temp_dir}",
-        f"--ray-client-server-port={free_port()}",
+        f"--temp-dir={temp_dir}", *node_ports(),
     ]  # fmt: skip
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)

@@ -245,6 +245,22 @@ def survey_band(instrument: str, band: str, coadd_years: int | None = None) -> t
     return float(kw["pixel_scale"]), BandObservation.from_single_band_kwargs(kw, max(n_exp, 1))
 
 
+class ActorPool(_Frozen):
+    """A Ray Data actor pool that grows with the cluster: ``min_actors`` start at once, more are
+    added while work is queued (the autoscaler launching nodes for them), up to ``max_actors``."""
+
+    min_actors: int = Field(1, ge=1)
+    # None: as many as the cluster (and its autoscaler) can place.
+    max_actors: int | None = Field(None, ge=1)
+    cpus_per_actor: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ActorPool:
+        if self.max_actors is not None and self.min_actors > self.max_actors:
+            raise ValueError(f"min_actors ({self.min_actors}) exceeds max_actors ({self.max_actors})")
+        return self
+
+
 class SimConfig(_Frozen):
     """lenstronomy simulation of lenses (label 1) and non-lenses (label 0), one channel per band.
 
@@ -262,6 +278,9 @@ class SimConfig(_Frozen):
     seed: int = 0
     rows_per_shard: int = Field(500, ge=1)
     bands: tuple[str, ...] = ("r",)
+    # Where the shards are rendered (one shard per actor call); not part of the dataset's identity:
+    # the bytes written are the same for any pool.
+    pool: ActorPool = ActorPool()
 
     # -- instrument --------------------------------------------------------------------------------
     # custom: the fields below; lsst / euclid / des: lenstronomy's survey presets, per band.
@@ -364,6 +383,11 @@ class SimConfig(_Frozen):
         "J": -0.4,
         "H": -0.5,
     }
+
+    def identity(self) -> dict[str, Any]:
+        """What the pixels depend on (hashed into the dataset id, written to the manifest): every
+        field but ``pool``."""
+        return self.model_dump(mode="json", exclude={"pool"})
 
     @model_validator(mode="before")
     @classmethod
@@ -561,6 +585,8 @@ class ServeAutoscaling(_Frozen):
 class ServeConfig(_Frozen):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    # Serve's HTTP proxies: one on every node (behind a load balancer), or on the head only.
+    proxy_location: Literal["EveryNode", "HeadOnly"] = "EveryNode"
     # A fixed number of replicas, unless ``autoscaling`` is set.
     num_replicas: int = Field(1, ge=1)
     autoscaling: ServeAutoscaling | None = None
@@ -572,22 +598,12 @@ class ServeConfig(_Frozen):
     max_images_per_request: int = Field(256, ge=1)
 
 
-class ScoringConfig(_Frozen):
+class ScoringConfig(ActorPool):
     """Batch scoring (``lensmill predict``): an actor pool that grows with the cluster."""
 
-    min_actors: int = Field(1, ge=1)
-    # None: as many as the cluster (and its autoscaler) can place.
-    max_actors: int | None = Field(None, ge=1)
-    cpus_per_actor: float = Field(1.0, gt=0)
     # > 0: each actor reserves this share of a GPU and scores on it.
     gpus_per_actor: float = Field(0.0, ge=0)
     batch_size: int = Field(256, ge=1)
-
-    @model_validator(mode="after")
-    def _bounds(self) -> ScoringConfig:
-        if self.max_actors is not None and self.min_actors > self.max_actors:
-            raise ValueError(f"min_actors ({self.min_actors}) exceeds max_actors ({self.max_actors})")
-        return self
 
 
 class RayConfig(_Frozen):

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
-from lensmill.config import Config
+from lensmill.config import ActorPool, Config
 
 
 def connect(cfg: Config, num_cpus: int | None = None, include_dashboard: bool = True) -> bool:
@@ -40,3 +41,16 @@ def ray_connection(cfg: Config) -> Iterator[None]:
     finally:
         if started:
             ray.shutdown()
+
+
+def actor_pool_options(pool: ActorPool, n_tasks: int | None = None) -> dict[str, Any]:
+    """``map_batches`` keywords for a Ray Data actor pool that grows with the cluster: it starts
+    ``min_actors`` and adds actors while inputs queue (pending actors make the autoscaler launch
+    nodes), up to ``max_actors`` and never more than ``n_tasks`` (when known)."""
+    from ray.data import ActorPoolStrategy
+
+    cap = pool.max_actors if n_tasks is None else min(pool.max_actors or n_tasks, n_tasks)
+    return {
+        "compute": ActorPoolStrategy(min_size=min(pool.min_actors, cap or pool.min_actors), max_size=cap),
+        "num_cpus": pool.cpus_per_actor,
+    }

@@ -16,6 +16,7 @@ import numpy as np
 
 from lensmill.config import Config
 from lensmill.layout import predictions_uri
+from lensmill.runtime import actor_pool_options
 from lensmill.shards import dataset_uri_for, decode_images, read_manifest, read_shards
 from lensmill.storage import is_s3, locate
 from lensmill.tracking import load_ensemble
@@ -54,8 +55,6 @@ def score_dataset(
     model_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Score one split with the champion (or ``model_dir``); Parquet predictions under ``out_uri``."""
-    from ray.data import ActorPoolStrategy
-
     sc = cfg.scoring
     dataset_uri = dataset_uri or dataset_uri_for(cfg)
     manifest = read_manifest(dataset_uri, cfg.storage)
@@ -68,9 +67,7 @@ def score_dataset(
             "image_shape": list(manifest.image_shape),
         },
         batch_size=sc.batch_size,
-        # Grows with the cluster (the autoscaler adds nodes for pending actors) up to max_actors.
-        compute=ActorPoolStrategy(min_size=sc.min_actors, max_size=sc.max_actors),
-        num_cpus=sc.cpus_per_actor,
+        **actor_pool_options(sc),
         num_gpus=sc.gpus_per_actor,
     )
     out = locate(out_uri, cfg.storage)

@@ -507,7 +507,9 @@ def start_endpoint(
 
     if not ray.is_initialized():
         raise RuntimeError("start_endpoint needs a running Ray: call ray.init(...) first")
-    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    serve.start(
+        proxy_location=cfg.serve.proxy_location, http_options={"host": cfg.serve.host, "port": cfg.serve.port}
+    )
     _check_proxy_matches(cfg)
     serve.run(build_endpoint(cfg, model_dir), name=APP_NAME, route_prefix="/")
     url = base_url(cfg)

@@ -44,6 +44,7 @@ from lensmill.records import (
     read_record,
     write_record,
 )
+from lensmill.runtime import actor_pool_options
 from lensmill.simulate import PARAM_KEYS, Simulator, label_for, n_positives, row_rng
 from lensmill.storage import (
     StorageError,
@@ -87,7 +88,7 @@ def dataset_id_for(sim: SimConfig) -> str:
 
     return stable_hash(
         {
-            "sim": sim.model_dump(mode="json"),
+            "sim": sim.identity(),
             "format_version": SHARD_FORMAT_VERSION,
             # Ray and pyarrow only move bytes around; the pixels depend on these two.
             "versions": {"lensmill": lensmill.__version__, "lenstronomy": lenstronomy.__version__},
@@ -251,19 +252,13 @@ def _py(value: Any) -> Any:
 # -- the dataset --------------------------------------------------------------------------------
 
 
-def _pool_size(n_tasks: int, max_actors: int | None = None) -> int:
-    import ray
-
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    return max(1, min(n_tasks, cpus, max_actors or cpus))
-
-
-def write_shards(cfg: Config, max_actors: int | None = None) -> DatasetManifest:
+def write_shards(cfg: Config) -> DatasetManifest:
     """Render the dataset of ``cfg`` with Ray Data (Ray must be initialised); its manifest.
 
     Resumable: an existing manifest is returned as is; otherwise intact shards are kept and only the
-    missing ones are rendered. The manifest is written last. ``max_actors`` caps the actor pool
-    (default: one actor per cluster CPU); the bytes written do not depend on it.
+    missing ones are rendered. The manifest is written last. ``sim.pool`` sizes the actor pool (it
+    grows with the cluster, the autoscaler adding nodes while shards are queued); the bytes written
+    do not depend on it.
     """
     import ray
 
@@ -294,8 +289,7 @@ def write_shards(cfg: Config, max_actors: int | None = None) -> DatasetManifest:
             "dataset_id": dataset_id,
         },
         batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=_pool_size(max(1, todo), max_actors)),
-        num_cpus=1,
+        **actor_pool_options(sim.pool, max(1, todo)),
     )
     rows = [{k: _py(v) for k, v in row.items()} for row in ds.take_all()]
     entries = sorted(rows, key=lambda e: (SPLITS.index(e["split"]), e["index"]))
@@ -329,7 +323,7 @@ def _build_manifest(sim: SimConfig, dataset_id: str, entries: list[dict[str, Any
         columns=("image", "label", "split", "row_id", "seed", *PARAM_KEYS),
         splits=splits,
         files=tuple(ShardFile(**{k: e[k] for k in keys}) for e in entries),
-        config=sim.model_dump(mode="json"),
+        config=sim.identity(),
         versions=software_versions(),
     )
 

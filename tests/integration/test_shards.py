@@ -195,12 +195,15 @@ def test_worker_and_block_counts_do_not_change_a_single_pixel(
 ) -> None:
     """One actor instead of one per CPU gives the same bytes; other shard sizes the same images."""
     cfg_a, manifest_a = written
-    one_actor = tiny_config(str(tmp_path / "one"))
-    manifest_one = write_shards(one_actor, max_actors=1)
+    one_actor = tiny_config(str(tmp_path / "one"), "sim.pool.max_actors=1")
+    # The pool is where shards are rendered, not what they hold: same dataset id, same bytes.
+    assert dataset_id_for(one_actor.sim) == dataset_id_for(cfg_a.sim)
+    manifest_one = write_shards(one_actor)
     assert [f.sha256 for f in manifest_one.files] == [f.sha256 for f in manifest_a.files]
+    assert "pool" not in manifest_one.config
     # 40-row shards instead of 10: another dataset id and other files, the same rows.
-    big_blocks = tiny_config(str(tmp_path / "big"), "sim.rows_per_shard=40")
-    write_shards(big_blocks, max_actors=2)
+    big_blocks = tiny_config(str(tmp_path / "big"), "sim.rows_per_shard=40", "sim.pool.min_actors=2")
+    write_shards(big_blocks)
     for split in ("train", "val", "test"):
         images_a, labels_a, table_a = load_split(dataset_uri_for(cfg_a), split, cfg_a.storage)
         images_b, labels_b, table_b = load_split(dataset_uri_for(big_blocks), split, big_blocks.storage)

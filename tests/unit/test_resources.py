@@ -41,6 +41,30 @@ def test_scoring_pool_bounds() -> None:
         load_config(None, ["scoring.min_actors=4", "scoring.max_actors=2"])
 
 
+def test_simulation_pool_grows_within_its_bounds_and_is_not_part_of_the_dataset() -> None:
+    from ray.data import ActorPoolStrategy
+
+    from lensmill.runtime import actor_pool_options
+    from lensmill.shards import dataset_id_for
+
+    default = load_config(None, [])
+    wide = load_config(
+        None, ["sim.pool.min_actors=2", "sim.pool.max_actors=64", "sim.pool.cpus_per_actor=0.5"]
+    )
+    assert dataset_id_for(default.sim) == dataset_id_for(wide.sim)
+    assert "pool" not in wide.sim.identity()
+    assert dataset_id_for(load_config(None, ["sim.seed=1"]).sim) != dataset_id_for(default.sim)
+    opts = actor_pool_options(wide.sim.pool, n_tasks=10)
+    assert isinstance(opts["compute"], ActorPoolStrategy) and opts["num_cpus"] == 0.5
+    assert (opts["compute"].min_size, opts["compute"].max_size) == (2, 10)  # never more actors than shards
+    one = actor_pool_options(default.sim.pool, n_tasks=1)["compute"]
+    assert (one.min_size, one.max_size) == (1, 1)
+    uncapped = actor_pool_options(default.scoring)["compute"]
+    assert uncapped.min_size == 1 and uncapped.max_size in (None, float("inf"))
+    with pytest.raises(ConfigError, match="sim.pool"):
+        load_config(None, ["sim.pool.min_actors=4", "sim.pool.max_actors=2"])
+
+
 def test_predictor_moves_to_a_device_and_answers_the_same() -> None:
     model = LensClassifier("tiny", 1, [0.0], [1.0])
     predictor = EnsemblePredictor([Member("a", model, 1.0)], (1, 16, 16))

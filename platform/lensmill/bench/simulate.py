@@ -37,7 +37,7 @@ import uuid
 from typing import Any
 
 from lensmill.bench import machine, today, versions
-from lensmill.config import Config, SimConfig, StorageConfig
+from lensmill.config import ActorPool, Config, SimConfig, StorageConfig
 from lensmill.runtime import connect
 
 log = logging.getLogger(__name__)
@@ -240,9 +240,15 @@ def _remove(root: str, storage: StorageConfig, remote: bool) -> None:
         log.warning("could not remove the bench data at %s: %s", root, exc)
 
 
-def _bench_config(cfg: Config, storage: StorageConfig, n_images: int) -> Config:
-    """``cfg`` with its sim section sized to ``n_images`` (train; 2 each in val and test)."""
-    sim = SimConfig.model_validate({**cfg.sim.model_dump(), "n_train": n_images - 4, "n_val": 2, "n_test": 2})
+def _bench_config(cfg: Config, storage: StorageConfig, n_images: int, actors: int) -> Config:
+    """``cfg`` with its sim section sized to ``n_images`` (train; 2 each in val and test), rendered by
+    a pool of ``actors`` from the start: the bench times the writers, not the pool growing (which an
+    autoscaling cluster adds on top)."""
+    shards = -(-(n_images - 4) // cfg.sim.rows_per_shard) + 2
+    pool = ActorPool(min_actors=min(actors, shards), max_actors=min(actors, shards))
+    sim = SimConfig.model_validate(
+        {**cfg.sim.model_dump(), "n_train": n_images - 4, "n_val": 2, "n_test": 2, "pool": pool}
+    )
     return cfg.model_copy(update={"sim": sim, "storage": storage, "dataset_uri": None})
 
 
@@ -287,7 +293,7 @@ def run_simulate_bench(
     """Baseline loop, then the platform's ``write_shards`` on all cores; one JSON-ready dict."""
     import ray
 
-    from lensmill.shards import _pool_size, dataset_uri_for, shard_specs, write_shards
+    from lensmill.shards import dataset_uri_for, shard_specs, write_shards
     from lensmill.storage import join_uri
 
     sim = cfg.sim
@@ -315,13 +321,13 @@ def run_simulate_bench(
         if warmup:
             t0 = time.perf_counter()
             # Another seed: another dataset id under the same root, never the one timed.
-            tiny = _bench_config(cfg, storage, 4 + 2 * ray_cpus)
+            tiny = _bench_config(cfg, storage, 4 + 2 * ray_cpus, ray_cpus)
             tiny = tiny.model_copy(update={"sim": tiny.sim.model_copy(update={"seed": sim.seed + 1})})
             write_shards(tiny)
             warm_s = time.perf_counter() - t0
-        bench_cfg = _bench_config(cfg, storage, n_images)
+        bench_cfg = _bench_config(cfg, storage, n_images, ray_cpus)
         specs = shard_specs(bench_cfg.sim)
-        actors = _pool_size(len(specs))
+        actors = bench_cfg.sim.pool.min_actors
         log.info(
             "platform: %d images in %d shards on %d actors (%d Ray CPUs)",
             n_images,
