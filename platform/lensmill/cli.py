@@ -354,6 +354,38 @@ def predict(
     run_command(config, overrides, lambda cfg: score_dataset(cfg, split, dataset_uri, out, model_dir))
 
 
+@app.command()
+def cost(
+    config: ConfigPath = None,
+    overrides: Overrides = None,
+    images: Annotated[
+        int | None,
+        typer.Option(
+            help="Score this many catalog cutouts instead of the test split (e.g. 300000000).", min=1
+        ),
+    ] = None,
+    stage: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--stage", help="Stage to estimate: simulate, train or score (repeat it; default: all)."
+        ),
+    ] = None,
+    cluster: Annotated[
+        Path, typer.Option(help="Ray cluster launcher file whose node types and limits to price.")
+    ] = Path("cluster/aws.yaml"),
+) -> None:
+    """Estimate node-hours, GPU-hours, wall time and dollars (on-demand, spot) of the configured run."""
+    from lensmill.cost import STAGES, estimate_cost, log_estimate, summarize
+
+    def fn(cfg: Config) -> dict[str, Any]:
+        estimate = estimate_cost(cfg, cluster, tuple(stage or STAGES), images)
+        log_estimate(estimate)
+        return summarize(estimate)
+
+    # Arithmetic on the config and the cluster file only: no Ray.
+    run_command(config, overrides, fn, ray=False)
+
+
 @app.command("models")
 def models_cmd() -> None:
     """List the model names create_model accepts."""

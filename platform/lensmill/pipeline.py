@@ -23,6 +23,24 @@ from lensmill.tune import tune_architectures
 
 log = logging.getLogger("lensmill")
 
+# Images simulated plus image-epochs of the whole tune grid above which the pipeline logs its cost
+# estimate first: the realistic preset (~0.3 M) runs in minutes on a laptop, comprehensive (~190 M)
+# takes cluster hours.
+LARGE_RUN_IMAGES = 1_000_000
+
+
+def log_cost_estimate(cfg: Config) -> None:
+    """Log ``lensmill cost``'s table for a large run; a run is never stopped for want of an estimate."""
+    sim, grid = cfg.sim, len(cfg.tune.models) * len(cfg.tune.lrs)
+    if sim.n_train + sim.n_val + sim.n_test + grid * cfg.train.epochs * sim.n_train < LARGE_RUN_IMAGES:
+        return
+    try:
+        from lensmill.cost import estimate_cost, log_estimate
+
+        log_estimate(estimate_cost(cfg))
+    except Exception as exc:  # no cluster file in the working folder, a stale price table, ...
+        log.warning("no cost estimate for this run (%s: %s); see `lensmill cost`", type(exc).__name__, exc)
+
 
 def pick_queries(labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
     """Indices of ``n`` test images, half lenses and half non-lenses where possible."""
@@ -66,6 +84,7 @@ def run_pipeline(cfg: Config, n_queries: int = 8, keep_serving: bool = False) ->
         log.info("stage %s done in %.1fs", name, stages[name])
         return out
 
+    log_cost_estimate(cfg)
     manifest = stage("simulate", write_shards, cfg)
     tuned = stage("tune", tune_architectures, cfg)
     ens = stage("ensemble", build_ensemble, cfg)

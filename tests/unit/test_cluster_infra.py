@@ -95,6 +95,33 @@ def test_aws_cluster_yaml_node_types() -> None:
     assert any("RAY_AUTH_MODE=token" in opt for opt in config["docker"]["run_options"])
 
 
+def test_aws_cluster_yaml_has_spot_workers_with_on_demand_fallback() -> None:
+    """Each worker kind has a spot type and an on-demand type of the same shape; spot comes first."""
+    types = _load(AWS_YAML)["available_node_types"]
+    workers = {name: t for name, t in types.items() if name != _load(AWS_YAML)["head_node_type"]}
+
+    def is_spot(t: dict[str, Any]) -> bool:
+        return t["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot"
+
+    for kind in ("gpu", "cpu"):
+        group = {n: t for n, t in workers.items() if bool(t["resources"].get("GPU")) == (kind == "gpu")}
+        spot = [t for t in group.values() if is_spot(t)]
+        on_demand = [t for t in group.values() if not is_spot(t)]
+        assert spot and on_demand, f"{kind}: need a spot and an on-demand node type, got {sorted(group)}"
+        for s in spot:
+            twins = [
+                t
+                for t in on_demand
+                if t["resources"] == s["resources"]
+                and t["node_config"]["InstanceType"] == s["node_config"]["InstanceType"]
+            ]
+            assert twins, f"{kind}: no on-demand type with the spot type's resources and instance type"
+            # Ray's autoscaler v2 launches the higher priority first among types that fit equally.
+            assert all(s.get("priority", 0) > t.get("priority", 0) for t in twins)
+    head = types[_load(AWS_YAML)["head_node_type"]]
+    assert not is_spot(head)  # losing the head loses the cluster
+
+
 # --- KubeRay ------------------------------------------------------------------------------------
 
 
