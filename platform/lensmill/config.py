@@ -533,7 +533,10 @@ class TuneConfig(_Frozen):
 
     models: tuple[str, ...] = ("resnet18", "timm:resnet10t")
     lrs: tuple[float, ...] = (1e-3,)
-    max_concurrent_trials: int = Field(1, ge=1)
+    # None: as many as the cluster holds at its largest. Each trial's Train workers are reserved
+    # together (one placement group), so trials queue for whole worker groups and the autoscaler adds
+    # nodes for them up to the cluster's max_workers; a trial never holds half a group.
+    max_concurrent_trials: int | None = Field(1, ge=1)
     # ASHA stops weak trials early; grace period in epochs.
     grace_period_epochs: int = Field(2, ge=1)
     metric: Literal["val_auc", "val_loss"] = "val_auc"

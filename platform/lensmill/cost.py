@@ -346,7 +346,8 @@ def _require(pool: Pool | None, what: str, cluster_path: str) -> Pool:
 
 
 def estimate_simulate(cfg: Config, cluster: Cluster, prices: PriceTable, tp: Throughputs) -> StageEstimate:
-    """Rendering every image: one Ray Data actor per logical CPU, one shard per task."""
+    """Rendering every image: the ``sim.pool`` actors (one per logical CPU by default), one shard
+    per task."""
     pool = _require(cluster.cpu_pool, "CPU", cluster.path)
     sim = cfg.sim
     splits = (sim.n_train, sim.n_val, sim.n_test)
@@ -363,9 +364,10 @@ def estimate_simulate(cfg: Config, cluster: Cluster, prices: PriceTable, tp: Thr
     work = len(sim.bands) * (sim.image_size_px * sim.supersampling) ** 2
     ref_work = ref.bands * (ref.image_size_px * ref.supersampling) ** 2
     rate_per_core = ref.value * ref_work / work * tp.cpu_scaling.core_speed_factor.value
-    cpus_per_node = max(1, int(pool.cpus))
-    actors = min(shards, pool.max_nodes * cpus_per_node)
-    nodes = math.ceil(actors / cpus_per_node)
+    # sim.pool: actors of cpus_per_actor each, up to max_actors (none: as many as the nodes hold).
+    per_node = max(1, int(pool.cpus // sim.pool.cpus_per_actor))
+    actors = min(shards, sim.pool.max_actors or pool.max_nodes * per_node, pool.max_nodes * per_node)
+    nodes = math.ceil(actors / per_node)
     actors_per_node = actors / nodes
     # Actors beyond the node's physical cores share them.
     actor_rate = rate_per_core * min(1.0, _effective_cores(pool, pool.cpus, tp) / actors_per_node)
@@ -428,7 +430,9 @@ def estimate_train(cfg: Config, cluster: Cluster, prices: PriceTable, tp: Throug
             f"train.num_workers={t.num_workers} needs {nodes_per_trial} {pool.instance_type} nodes; "
             f"{cluster.path} allows {pool.max_nodes}"
         )
-    concurrent = max(1, min(cfg.tune.max_concurrent_trials, len(trials), pool.max_nodes // nodes_per_trial))
+    concurrent = max(
+        1, min(cfg.tune.max_concurrent_trials or len(trials), len(trials), pool.max_nodes // nodes_per_trial)
+    )
     if t.num_workers > 1:
         figures["ddp_efficiency"] = tp.train.ddp_efficiency
         worker_rate *= tp.train.ddp_efficiency.value
