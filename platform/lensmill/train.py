@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
 import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
@@ -248,6 +249,8 @@ def _record_attempt(
     except StorageError:
         previous = []
     entry = plan_attempt(previous, fail_at_epoch, start_epoch, resumed_from)
+    # Where rank 0 ran: after a lost node (a spot reclaim) the next attempt names another one.
+    entry["node_id"] = ray.get_runtime_context().get_node_id()
     write_json(uri, [*previous, entry], storage)
     return entry
 
@@ -438,12 +441,17 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         if rank == 0
         else None
     )
+    history = list(resumed.history)
+    if history and (resumed.start_epoch >= t.epochs or history[-1]["early_stop"]):
+        # Nothing left to train: the previous attempt (a driver killed after the last checkpoint)
+        # ended the run. Report its last epoch again, without a checkpoint, so that Tune and the
+        # caller still get the run's metrics; every rank reports, as in the loop.
+        ray.train.report({k: v for k, v in history[-1].items() if v is not None})
+        return
     model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
     generator = torch.Generator().manual_seed(t.seed * 1000 + rank) if t.augment else None
     train_data, val_data = _worker_data(plan, rank)
-
-    history = list(resumed.history)
     for epoch in range(resumed.start_epoch, t.epochs):
         if attempt["inject_failure_at"] == epoch:
             raise RuntimeError(f"injected failure at epoch {epoch} (train.fail_at_epoch), rank {rank}")

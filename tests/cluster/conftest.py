@@ -118,7 +118,10 @@ class FakeCluster:
         return [
             a.__dict__
             for a in list_actors(
-                address=self.dashboard_url, filters=list(filters.items()), limit=10_000, detail=True
+                address=self.dashboard_url,
+                filters=[(k, "=", v) for k, v in filters.items()],
+                limit=10_000,
+                detail=True,
             )
         ]
 
@@ -172,6 +175,11 @@ class FakeCluster:
             client.stop_job(job_id)
             status = JobStatus.STOPPED
         return str(status.value), client.get_job_logs(job_id)
+
+    def job_details(self, job_id: str):  # -> ray.job_submission.JobDetails
+        from ray.job_submission import JobSubmissionClient
+
+        return JobSubmissionClient(self.dashboard_url).get_job_info(job_id)
 
     def stop_job(self, job_id: str) -> None:
         from ray.job_submission import JobSubmissionClient

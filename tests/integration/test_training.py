@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from lensmill.config import load_config
-from lensmill.layout import ATTEMPTS_FILE, run_name_for, runs_uri
+from lensmill.layout import ATTEMPTS_FILE, SUMMARY_FILE, run_name_for, runs_uri
 from lensmill.shards import write_shards
 from lensmill.storage import join_uri, list_files, read_json
 from lensmill.train import fit, should_stop_early
@@ -72,6 +72,18 @@ def test_injected_failure_resumes_from_the_last_checkpoint_and_a_rerun_does_not_
     assert again == summary
     assert read_json(join_uri(run_uri, ATTEMPTS_FILE), cfg.storage) == attempts
     assert list_files(run_uri, cfg.storage) == files_before
+
+    # The last checkpoint written but no summary (a driver killed in between): the next fit trains
+    # nothing, reports the last epoch again (Tune needs the metric) and writes the summary.
+    Path(run_uri, SUMMARY_FILE).unlink()
+    third = fit(cfg, cache_in_memory=False)
+    assert (third.val_auc, third.best_epoch, third.epochs_run) == (summary.val_auc, summary.best_epoch, 3)
+    assert [h["epoch"] for h in third.history] == [0, 1, 2]
+    latest = read_json(join_uri(run_uri, ATTEMPTS_FILE), cfg.storage)[-1]
+    assert latest["start_epoch"] == 3 and latest["resumed_from_epoch"] == 2
+    assert {u for u in list_files(run_uri, cfg.storage) if "/epoch-" in u} == {
+        u for u in files_before if "/epoch-" in u
+    }
 
 
 def test_early_stopping_stops_every_rank_before_the_last_epoch(overrides: list[str]) -> None:
