@@ -8,7 +8,8 @@ task, actor and job stage's work lands on worker nodes that the autoscaler adds 
 Every port of the head is chosen free; the provider gives its worker raylets free ports of their
 own. Worker raylets bind the machine's own address (the provider sets no node IP for them), never a
 port reachable from outside a firewall-less test VM beyond what Ray itself opens. The cluster is one
-process group (``ray start --block`` and everything the autoscaler launches), ended with it; never
+process group (``ray start --block`` and everything the autoscaler launches), ended with it once the
+tests of this folder are done (package scope: it does not idle beside the rest of the suite); never
 ``ray stop``, which would kill every Ray on the machine.
 
 Quirks of several fake nodes sharing one machine, worked around here and not in the product:
@@ -198,13 +199,13 @@ def _is_raylet_of(proc: psutil.Process, node_id: str) -> bool:
         return False
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def cluster_s3(s3_endpoint: str) -> str:
     boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=BUCKET)
     return s3_endpoint
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def fake_cluster(cluster_s3: str) -> Iterator[FakeCluster]:
     port = free_port()
     temp_dir = Path(f"/tmp/lm-fc-{port}")  # Ray's socket paths must stay short
@@ -263,7 +264,7 @@ def fake_cluster(cluster_s3: str) -> Iterator[FakeCluster]:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def cluster_mlflow(tmp_path_factory: pytest.TempPathFactory, cluster_s3: str) -> Iterator[str]:
     """``mlflow server`` whose artifacts go to the same S3 (proxied: clients need no S3 access)."""
     root = tmp_path_factory.mktemp("cluster-mlflow")
