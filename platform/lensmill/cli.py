@@ -331,10 +331,14 @@ def bench_train(config: ConfigPath = None, overrides: Overrides = None) -> None:
 
     def fn(cfg: Config) -> dict[str, Any]:
         from lensmill.bench.train import run_train_bench
+        from lensmill.runtime import ray_connection
 
-        return run_train_bench(cfg)
+        # A local Ray without the dashboard, as for bench simulate: its processes would take CPU
+        # from the timed workers, and a plain fit (no Tune stopping trials) does not need its State API.
+        with ray_connection(cfg, include_dashboard=False):
+            return run_train_bench(cfg)
 
-    run_command(config, overrides, fn)
+    run_command(config, overrides, fn, ray=False)
 
 
 @app.command()

@@ -31,11 +31,11 @@ def connect(cfg: Config, num_cpus: int | None = None, include_dashboard: bool = 
 
 
 @contextmanager
-def ray_connection(cfg: Config) -> Iterator[None]:
+def ray_connection(cfg: Config, include_dashboard: bool = True) -> Iterator[None]:
     """``connect`` for the length of a command; shuts down only what it started or joined."""
     import ray
 
-    started = connect(cfg)
+    started = connect(cfg, include_dashboard=include_dashboard)
     try:
         yield
     finally:

@@ -62,9 +62,9 @@ def _machine_cpu_s() -> float | None:
     return (user + nice + system + irq + softirq + steal) / _CLK_TCK
 
 
-def _proc_table() -> dict[tuple[int, int], tuple[int, float]]:
-    """(pid, start tick) -> (parent pid, CPU-seconds of the process itself) for every process."""
-    table: dict[tuple[int, int], tuple[int, float]] = {}
+def _proc_table() -> dict[tuple[int, int], tuple[int, float, str]]:
+    """(pid, start tick) -> (parent pid, CPU-seconds of the process itself, name) for every process."""
+    table: dict[tuple[int, int], tuple[int, float, str]] = {}
     try:
         pids = [d for d in os.listdir("/proc") if d.isdigit()]
     except OSError:
@@ -73,12 +73,28 @@ def _proc_table() -> dict[tuple[int, int], tuple[int, float]]:
         try:
             with open(f"/proc/{pid}/stat") as f:
                 # The command name may hold spaces and parentheses: split after the last ")".
-                rest = f.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
+                name, rest = f.read().split("(", 1)[1].rsplit(")", 1)
+            rest = rest.split()
+        except (OSError, IndexError, ValueError):
             continue  # exited meanwhile
         # Fields after the name: state ppid ... utime(11) stime(12) ... starttime(19).
-        table[(int(pid), int(rest[19]))] = (int(rest[1]), (int(rest[11]) + int(rest[12])) / _CLK_TCK)
+        cpu = (int(rest[11]) + int(rest[12])) / _CLK_TCK
+        table[(int(pid), int(rest[19]))] = (int(rest[1]), cpu, name)
     return table
+
+
+def process_kind(name: str) -> str:
+    """What a process of the session is, from its name (Ray sets its workers' titles, e.g.
+    ``ray::MapWorker(MapBatches(ShardWriter))``, cut to 15 characters by the kernel)."""
+    if name.startswith("ray::MapWorker") or name.startswith("ray::_MapWorker"):
+        return "shard_writer_actors"
+    if name.startswith("ray::"):
+        return "other_ray_workers"
+    if name in ("raylet", "gcs_server"):
+        return name
+    if name.startswith("python") or name.startswith("lensmill") or name.startswith("pytest"):
+        return "driver_and_ray_python_daemons"
+    return "other"
 
 
 class CpuSampler:
@@ -97,6 +113,7 @@ class CpuSampler:
         self.root = os.getpid()
         self.first: dict[tuple[int, int], float] = {}
         self.last: dict[tuple[int, int], float] = {}
+        self.names: dict[tuple[int, int], str] = {}
         self.session: set[tuple[int, int]] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="cpu-sampler")
@@ -105,10 +122,11 @@ class CpuSampler:
         table = _proc_table()
         initial = not self.last  # processes alive at the start count from there, later ones from 0
         children: dict[int, list[tuple[int, int]]] = {}
-        for key, (ppid, cpu) in table.items():
+        for key, (ppid, cpu, name) in table.items():
             children.setdefault(ppid, []).append(key)
             self.first.setdefault(key, cpu if initial else 0.0)
             self.last[key] = cpu
+            self.names[key] = name
         todo = [self.root]
         while todo:
             for key in children.get(todo.pop(), []):
@@ -137,6 +155,14 @@ class CpuSampler:
         if not self.last:
             return None
         return sum(self.last[k] - self.first.get(k, 0.0) for k in self.session)
+
+    def session_cpu_by_kind(self) -> dict[str, float]:
+        """The session's CPU-seconds by ``process_kind``: where the CPU not spent rendering went."""
+        out: dict[str, float] = {}
+        for k in self.session:
+            kind = process_kind(self.names.get(k, ""))
+            out[kind] = out.get(kind, 0.0) + self.last[k] - self.first.get(k, 0.0)
+        return {k: round(v, 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
 
     @property
     def machine_cpu_s(self) -> float | None:
@@ -358,6 +384,11 @@ def run_simulate_bench(
             n_images / base["images_per_cpu_s"] / cpu["session_cpu_s"], 3
         )
         cpu["session_utilisation"] = round(cpu["session_cpu_s"] / (cores * platform_s), 3)
+        by_kind = sampler.session_cpu_by_kind()
+        render_cpu_s = n_images / base["images_per_cpu_s"]
+        cpu["session_cpu_s_by_process"] = by_kind
+        # The writers' CPU beyond rendering: start-up (imports, numba), Parquet, sha256, writes.
+        cpu["shard_writer_overhead_cpu_s"] = round(by_kind.get("shard_writer_actors", 0.0) - render_cpu_s, 2)
     return {
         "bench": "simulate",
         "baseline_images_per_s": round(base["images_per_s"], 1),
