@@ -40,6 +40,8 @@ def job_overrides(s3: str, mlflow_uri: str, prefix: str) -> list[str]:
         f"storage.root=s3://{BUCKET}/{prefix}",
         f"storage.s3_endpoint_url={s3}",
         f"tracking.tracking_uri={mlflow_uri}",
+        # One experiment per test module: the fault tests leave killed drivers' runs RUNNING.
+        f"tracking.experiment=lensmill-{prefix}",
         # The fake nodes share this machine's ports: one HTTP proxy, on the head.
         "serve.proxy_location=HeadOnly",
         f"serve.port={free_port()}",
