@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -118,19 +119,19 @@ def ray_session(ray_address: str) -> Iterator[str]:
         ray.shutdown()
 
 
-@pytest.fixture(scope="session")
-def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    root = tmp_path_factory.mktemp("mlflow")
+@contextmanager
+def mlflow_server(root: Path, artifacts_destination: str, env: dict[str, str] | None = None) -> Iterator[str]:
+    """A real ``mlflow server`` (sqlite backend, proxied artifacts) on a free loopback port; its URI."""
     port = free_port()
     cmd = [
         str(VENV_BIN / "mlflow"), "server",
         "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-        "--artifacts-destination", str(root / "artifacts"),
+        "--artifacts-destination", artifacts_destination,
         "--host", LOOPBACK, "--port", str(port), "--workers", "1",
     ]  # fmt: skip
     # MLflow's job runner (five huey consumer processes) serves features lensmill does not use and
     # takes CPU from the tests on a 2-core machine.
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env = {**os.environ, **(env or {}), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     with open(root / "server.log", "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     uri = f"http://{LOOPBACK}:{port}"
@@ -139,6 +140,13 @@ def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield uri
     finally:
         stop_group(proc)
+
+
+@pytest.fixture(scope="session")
+def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    root = tmp_path_factory.mktemp("mlflow")
+    with mlflow_server(root, str(root / "artifacts")) as uri:
+        yield uri
 
 
 @pytest.fixture(scope="session")

@@ -339,6 +339,17 @@ def _stage(
     )
 
 
+def _gpu_figure(table: dict[str, Figure], section: str, what: str, pool: Pool) -> Figure:
+    """The throughput of ``pool``'s GPU model in a ``section.gpu`` table of the throughputs file."""
+    gpu_model = pool.price.gpu_model or ""
+    if gpu_model not in table:
+        raise ConfigError(
+            f"no {what} throughput for GPU {gpu_model or '?'} ({pool.instance_type}) in "
+            f"lensmill/{THROUGHPUTS_FILE} ({section}.gpu lists {', '.join(sorted(table))})"
+        )
+    return table[gpu_model]
+
+
 def _require(pool: Pool | None, what: str, cluster_path: str) -> Pool:
     if pool is None:
         raise ConfigError(f"{cluster_path} has no {what} worker node type (max_workers > 0)")
@@ -404,13 +415,7 @@ def estimate_train(cfg: Config, cluster: Cluster, prices: PriceTable, tp: Throug
     notes: list[str] = []
     if t.use_gpu:
         pool = _require(cluster.gpu_pool, "GPU (train.use_gpu is true)", cluster.path)
-        gpu_model = pool.price.gpu_model or ""
-        if gpu_model not in tp.train.gpu:
-            raise ConfigError(
-                f"no training throughput for GPU {gpu_model or '?'} ({pool.instance_type}) in "
-                f"lensmill/{THROUGHPUTS_FILE} (train.gpu lists {', '.join(sorted(tp.train.gpu))})"
-            )
-        figures["train"] = tp.train.gpu[gpu_model]
+        figures["train"] = _gpu_figure(tp.train.gpu, "train", "training", pool)
         worker_rate = figures["train"].value
         workers_per_node = min(int(pool.gpus), int(pool.cpus // t.cpus_per_worker))
     else:
@@ -485,13 +490,7 @@ def estimate_score(
     on_gpu = sc.gpus_per_actor > 0
     if on_gpu:
         pool = _require(cluster.gpu_pool, "GPU (scoring.gpus_per_actor > 0)", cluster.path)
-        gpu_model = pool.price.gpu_model or ""
-        if gpu_model not in tp.score.gpu:
-            raise ConfigError(
-                f"no scoring throughput for GPU {gpu_model or '?'} ({pool.instance_type}) in "
-                f"lensmill/{THROUGHPUTS_FILE} (score.gpu lists {', '.join(sorted(tp.score.gpu))})"
-            )
-        figures["score"] = tp.score.gpu[gpu_model]
+        figures["score"] = _gpu_figure(tp.score.gpu, "score", "scoring", pool)
         actors_per_node = min(int(pool.cpus // sc.cpus_per_actor), int(pool.gpus // sc.gpus_per_actor))
     else:
         pool = _require(cluster.cpu_pool, "CPU", cluster.path)

@@ -41,7 +41,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.conftest import LOOPBACK, VENV_BIN, free_port, node_ports, stop_group, wait_for
+from tests.conftest import LOOPBACK, VENV_BIN, free_port, mlflow_server, node_ports, stop_group, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER_TYPE = "ray.worker.cpu"
@@ -267,28 +267,13 @@ def fake_cluster(cluster_s3: str) -> Iterator[FakeCluster]:
 @pytest.fixture(scope="package")
 def cluster_mlflow(tmp_path_factory: pytest.TempPathFactory, cluster_s3: str) -> Iterator[str]:
     """``mlflow server`` whose artifacts go to the same S3 (proxied: clients need no S3 access)."""
-    root = tmp_path_factory.mktemp("cluster-mlflow")
-    port = free_port()
-    cmd = [
-        str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-        "--artifacts-destination", f"s3://{BUCKET}/mlartifacts",
-        "--host", LOOPBACK, "--port", str(port), "--workers", "1",
-    ]  # fmt: skip
     env = {
-        **os.environ,
         "MLFLOW_S3_ENDPOINT_URL": cluster_s3,
         "AWS_ACCESS_KEY_ID": os.environ.get("AWS_ACCESS_KEY_ID", "testing"),
         "AWS_SECRET_ACCESS_KEY": os.environ.get("AWS_SECRET_ACCESS_KEY", "testing"),
-        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
     }
-    with open(root / "server.log", "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-    uri = f"http://{LOOPBACK}:{port}"
-    try:
-        wait_for(lambda: httpx.get(f"{uri}/health", timeout=2).status_code == 200, "mlflow server", 120)
+    with mlflow_server(tmp_path_factory.mktemp("cluster-mlflow"), f"s3://{BUCKET}/mlartifacts", env) as uri:
         yield uri
-    finally:
-        stop_group(proc)
 
 
 def git_sha() -> str:
