@@ -94,8 +94,9 @@ def test_worker_node_killed_mid_training_resumes_on_another_node(
 def test_driver_killed_mid_tune_then_resubmitted_does_not_retrain_finished_trials(
     fake_cluster: FakeCluster, base: list[str], cluster_s3: str, cluster_mlflow: str
 ) -> None:
-    extra = ["name=fault-tune", "tune.max_concurrent_trials=1", "train.epochs=3"]
-    extra.append("tune.grace_period_epochs=3")
+    # Four epochs a trial: the second is still training for seconds after its first checkpoint.
+    extra = ["name=fault-tune", "tune.max_concurrent_trials=1", "train.epochs=4"]
+    extra.append("tune.grace_period_epochs=4")
     cfg = load_config(SMOKE, [*base, *extra])
     runs = f"{cfg.storage.root}/runs"
     names = [trial_run_name(cfg, {"model": m, "lr": lr}) for m in cfg.tune.models for lr in cfg.tune.lrs]
@@ -106,7 +107,14 @@ def test_driver_killed_mid_tune_then_resubmitted_does_not_retrain_finished_trial
         keys = set(s3_keys(cluster_s3, key_of(runs)))
         return [n for n, k in summaries.items() if k in keys]
 
-    wait_for(lambda: finished(), "a finished trial", timeout_s=400, interval_s=0.5)
+    def one_done_one_training() -> bool:
+        # Trials run one at a time: the first has its result, the second its first checkpoint.
+        keys = s3_keys(cluster_s3, key_of(runs))
+        done = [n for n, k in summaries.items() if k in keys]
+        training = [n for n in names if n not in done and any(f"/{n}/epoch-" in f"/{k}" for k in keys)]
+        return bool(done) and bool(training)
+
+    wait_for(one_done_one_training, "one finished trial and one training", timeout_s=400, interval_s=0.5)
     done = finished()
     assert len(done) < len(names), "every trial finished before the driver could be killed"
     driver = fake_cluster.job_details(job_id).driver_info
