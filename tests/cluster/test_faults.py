@@ -66,11 +66,13 @@ def test_worker_node_killed_mid_training_resumes_on_another_node(
     run = key_of(join_uri(f"{cfg.storage.root}/runs", run_name_for(cfg)))
     job_id = submit_stage(fake_cluster, "train", [*base, *extra])
 
-    def epoch_0_reported() -> bool:
-        # Epoch 1's checkpoint being written means epoch 0's was uploaded and reported.
-        return any(k.startswith(f"{run}/epoch-0001/") for k in s3_keys(cluster_s3, run))
+    def epoch_0_registered() -> bool:
+        # Ray Train writes this file when its controller registers a checkpoint: from then on a
+        # restart is handed it. (A checkpoint uploaded but not yet registered is not: killed in that
+        # window, the run restarts from scratch.)
+        return f"{run}/checkpoint_manager_snapshot.json" in s3_keys(cluster_s3, run)
 
-    wait_for(epoch_0_reported, "the epoch-0 checkpoint on S3", timeout_s=300, interval_s=0.5)
+    wait_for(epoch_0_registered, "the epoch-0 checkpoint registered on S3", timeout_s=300, interval_s=0.5)
     [worker] = [a for a in fake_cluster.actors(class_name="RayTrainWorker") if a["state"] == "ALIVE"]
     killed = worker["node_id"]
     assert killed != fake_cluster.head_node_id()
