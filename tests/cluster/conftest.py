@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +99,6 @@ class FakeCluster:
     proc: subprocess.Popen
     env: dict[str, str]
     log: Path
-    launched: list[str] = field(default_factory=list)
 
     def nodes(self) -> list[dict[str, Any]]:
         """Alive nodes, from the State API over HTTP (this test process is not a Ray driver)."""
