@@ -133,29 +133,41 @@ def shard_specs(sim: SimConfig) -> list[dict[str, Any]]:
 def render_shard(simulator: Simulator, split: str, row_start: int, rows: int) -> pa.Table:
     """Render rows ``row_start .. row_start + rows - 1`` of a split into an Arrow table."""
     sim = simulator.sim
-    images: list[bytes] = []
+    # (rows, C, H, W) float32: each image is rendered into its slot, and the ``image`` column is a
+    # zero-copy view of this one buffer (fixed-size rows: offsets 0, n, 2n, ...).
+    images = np.empty((rows, *simulator.shape), np.float32)
     labels = np.empty(rows, np.int64)
-    params: dict[str, list[float]] = {k: [] for k in PARAM_KEYS}
+    params = np.empty((len(PARAM_KEYS), rows), np.float64)
     for i in range(rows):
         row_id = row_start + i
         labels[i] = label_for(row_id, sim.positive_fraction)
-        image, p = simulator.render(row_rng(sim.seed, split, row_id), int(labels[i]))
-        images.append(np.ascontiguousarray(image).tobytes())
-        for k in PARAM_KEYS:
-            params[k].append(p[k])
+        images[i], p = simulator.render(row_rng(sim.seed, split, row_id), int(labels[i]))
+        params[:, i] = [p[k] for k in PARAM_KEYS]
+    image_bytes = images[0].nbytes if rows else 0
+    if images.nbytes >= 2**31:
+        raise DatasetError(
+            f"a shard of {rows} images of {simulator.shape} float32 is over 2 GiB: lower sim.rows_per_shard"
+        )
+    offsets = np.arange(0, (rows + 1) * image_bytes, image_bytes or 1, dtype=np.int32)[: rows + 1]
+    image_column = pa.BinaryArray.from_buffers(
+        pa.binary(), rows, [None, pa.py_buffer(offsets), pa.py_buffer(images)]
+    )
     columns: dict[str, pa.Array] = {
-        "image": pa.array(images, pa.binary()),
+        "image": image_column,
         "label": pa.array(labels, pa.int64()),
         "split": pa.array([split] * rows, pa.string()),
         "row_id": pa.array(np.arange(row_start, row_start + rows, dtype=np.int64)),
         "seed": pa.array(np.full(rows, sim.seed, np.int64)),
     }
-    columns |= {k: pa.array(np.asarray(v, np.float64)) for k, v in params.items()}
+    columns |= {k: pa.array(params[j]) for j, k in enumerate(PARAM_KEYS)}
     return pa.table(columns)
 
 
-def shard_to_bytes(table: pa.Table, description: dict[str, Any]) -> bytes:
-    """Serialise a shard in memory (uncompressed: noisy float32 barely compresses and reads slower)."""
+def shard_to_bytes(table: pa.Table, description: dict[str, Any]) -> pa.Buffer:
+    """Serialise a shard in memory (uncompressed: noisy float32 barely compresses and reads slower).
+
+    The result is bytes-like (``len``, ``hashlib``, file writes), without the copy into ``bytes``.
+    """
     table = table.replace_schema_metadata({_SHARD_META_KEY: json.dumps(description, sort_keys=True).encode()})
     row_bytes = max(1, table.nbytes // max(1, table.num_rows))
     sink = pa.BufferOutputStream()
@@ -167,7 +179,7 @@ def shard_to_bytes(table: pa.Table, description: dict[str, Any]) -> bytes:
         # Page CRCs let a resumed run tell a damaged shard from an intact one without a manifest.
         write_page_checksum=True,
     )
-    return sink.getvalue().to_pybytes()
+    return sink.getvalue()
 
 
 def _shard_description(dataset_id: str, spec: dict[str, Any]) -> dict[str, Any]:
@@ -226,7 +238,9 @@ class ShardWriter:
         return self._entry(spec, _label_sum(table.column("label")), data, rendered=True)
 
     @staticmethod
-    def _entry(spec: dict[str, Any], positives: int, data: bytes, rendered: bool) -> dict[str, Any]:
+    def _entry(
+        spec: dict[str, Any], positives: int, data: bytes | pa.Buffer, rendered: bool
+    ) -> dict[str, Any]:
         return {
             "path": spec["path"],
             "split": spec["split"],

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from lensmill.config import StorageConfig
@@ -83,7 +84,7 @@ def exists(uri: str, storage: StorageConfig) -> bool:
         raise _fail("reach", uri, exc) from exc
 
 
-def write_bytes(uri: str, data: bytes, storage: StorageConfig) -> None:
+def write_bytes(uri: str, data: bytes | pa.Buffer, storage: StorageConfig) -> None:
     """Write a whole file atomically: a temporary name renamed into place (S3 PUTs are atomic)."""
     loc = locate(uri, storage)
     fs = loc.filesystem

@@ -142,6 +142,10 @@ def test_bench_simulate_reports_its_figures(ray_address: str) -> None:
         assert key in out, key
     assert out["n_images"] == 40 and out["baseline_images"] == 5 and out["image_size_px"] == 32
     assert out["baseline_images_per_s"] > 0 and out["platform_images_per_s"] > 0
+    # The baseline ran before Ray and after it (same rows); the ratio uses their combined rate.
+    before, after = out["baseline_before_images_per_s"], out["baseline_after_images_per_s"]
+    assert min(before, after) <= out["baseline_images_per_s"] <= max(before, after)
+    assert out["baseline_drift"] == pytest.approx(after / before - 1.0, abs=2e-3)
     assert out["per_core_efficiency"] == pytest.approx(
         out["platform_images_per_s"] / (out["cores"] * out["baseline_images_per_s"]), rel=0.01, abs=1e-3
     )

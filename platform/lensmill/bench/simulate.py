@@ -11,7 +11,11 @@ In one run, on one config:
     ``write_shards`` call, which includes starting its actor pool (each actor imports lenstronomy
     and builds its Simulator), since every real run pays that too.
 
-The baseline runs before Ray starts, so it is not slowed by Ray's own processes. The steady-state
+The baseline runs before Ray starts and again after it has stopped, so it is not slowed by Ray's own
+processes; ``baseline_images_per_s`` is the two runs' combined rate (total images / total seconds),
+so a machine whose speed drifts during the run moves both sides of the ratio alike, and
+``baseline_drift`` (after / before - 1) says how far to trust the ratio (as in ``bench train``). The
+steady-state
 figures (``steady_*``) count shard files as they appear, between the first and the last wave of
 shards: the platform's throughput once every actor has started, without the pool's ramp-down.
 ``per_core_efficiency = platform_images_per_s / (cores x baseline_images_per_s)``.
@@ -374,32 +378,39 @@ def run_simulate_bench(
         _remove(root, storage, remote)
         if started:
             ray.shutdown()
+    after = run_baseline(sim, base["images"])
+    baseline_rate = (base["images"] + after["images"]) / (base["seconds"] + after["seconds"])
+    baseline_cpu_rate = (
+        (base["images"] + after["images"])
+        / (base["images"] / base["images_per_cpu_s"] + after["images"] / after["images_per_cpu_s"])
+        if base["images_per_cpu_s"] and after["images_per_cpu_s"]
+        else None
+    )
 
     platform_rate = n_images / platform_s
     # The session's CPU covers the Ray workers only when this process started that Ray.
     cpu = _cpu_accounting(platform_s, sampler.machine_cpu_s, sampler.session_cpu_s if started else None)
-    if cpu.get("session_cpu_s") and base["images_per_cpu_s"]:
+    if cpu.get("session_cpu_s") and baseline_cpu_rate:
         # Share of the platform's CPU time that went into rendering (at the baseline's CPU cost).
-        cpu["render_share_of_session_cpu"] = round(
-            n_images / base["images_per_cpu_s"] / cpu["session_cpu_s"], 3
-        )
+        render_cpu_s = n_images / baseline_cpu_rate
+        cpu["render_share_of_session_cpu"] = round(render_cpu_s / cpu["session_cpu_s"], 3)
         cpu["session_utilisation"] = round(cpu["session_cpu_s"] / (cores * platform_s), 3)
         by_kind = sampler.session_cpu_by_kind()
-        render_cpu_s = n_images / base["images_per_cpu_s"]
         cpu["session_cpu_s_by_process"] = by_kind
         # The writers' CPU beyond rendering: start-up (imports, numba), Parquet, sha256, writes.
         cpu["shard_writer_overhead_cpu_s"] = round(by_kind.get("shard_writer_actors", 0.0) - render_cpu_s, 2)
     return {
         "bench": "simulate",
-        "baseline_images_per_s": round(base["images_per_s"], 1),
+        "baseline_images_per_s": round(baseline_rate, 1),
+        "baseline_before_images_per_s": round(base["images_per_s"], 1),
+        "baseline_after_images_per_s": round(after["images_per_s"], 1),
+        "baseline_drift": round(after["images_per_s"] / base["images_per_s"] - 1.0, 3),
         "platform_images_per_s": round(platform_rate, 1),
         "cores": cores,
-        "per_core_efficiency": round(platform_rate / (cores * base["images_per_s"]), 3),
+        "per_core_efficiency": round(platform_rate / (cores * baseline_rate), 3),
         # The same ratio while every actor is busy: without the pool's start-up and its ramp-down.
         "steady_images_per_s": round(steady[0], 1) if steady else None,
-        "steady_per_core_efficiency": round(steady[0] / (cores * base["images_per_s"]), 3)
-        if steady
-        else None,
+        "steady_per_core_efficiency": round(steady[0] / (cores * baseline_rate), 3) if steady else None,
         "steady_window_s": round(steady[1], 2) if steady else None,
         "image_shape": [len(sim.bands), sim.image_size_px, sim.image_size_px],
         "image_size_px": sim.image_size_px,
@@ -416,13 +427,14 @@ def run_simulate_bench(
         "ray_start_s": round(ray_start_s, 2) if started else None,
         "warmup_s": round(warm_s, 2),
         "parquet_mb": round(total_bytes / 2**20, 1),
-        "baseline_images_per_cpu_s": round(base["images_per_cpu_s"], 1) if base["images_per_cpu_s"] else None,
+        "baseline_images_per_cpu_s": round(baseline_cpu_rate, 1) if baseline_cpu_rate else None,
         "cpu": cpu,
         # More than a tenth of a core busy elsewhere: wall-clock figures understate the platform.
         "contended": None if "other_cores_busy" not in cpu else cpu["other_cores_busy"] > 0.1,
         "load_average": _loadavg(),
         "timed": (
-            "baseline: the render loop of one Simulator in this process, one thread, before Ray starts; "
+            "baseline: the render loop of one Simulator in this process, one thread, before Ray starts "
+            "and again after it stopped (combined rate); "
             "platform: one write_shards call (actor pool start-up, render, Parquet, sha256, write, "
             "manifest) from a warm Ray; steady: shards completed per second (by file) between the "
             "first and the last wave of shards, i.e. with every actor started and busy"
