@@ -2,10 +2,15 @@
 
 A trial is a small driver function that builds a ``TorchTrainer`` whose reports reach Tune through
 ``TuneReportCallback``; ASHA stops weak trials early. Finished trials are the ensemble's candidates.
+
+A trial's summary is written the moment Tune ends it (``_SummaryCallback``), not after the sweep:
+ASHA stops every trial at its last epoch too, often before the trial's own ``fit`` has written its
+summary, and a sweep whose driver dies must find those trials finished when it is resubmitted.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from lensmill import tracking
@@ -18,10 +23,12 @@ from lensmill.layout import (
     tune_experiment_name,
     tune_results_uri,
 )
-from lensmill.records import BestTrial, TrialResult, TuneResults, read_record, write_record
+from lensmill.records import BestTrial, RunSummary, TrialResult, TuneResults, read_record, write_record
 from lensmill.shards import dataset_uri_for, read_manifest
 from lensmill.storage import StorageError, is_s3, locate
 from lensmill.train import fit, read_run_info, read_summary, summarize_run
+
+log = logging.getLogger(__name__)
 
 
 def trial_config(base: Config, model: str, lr: float) -> Config:
@@ -40,6 +47,29 @@ def _trial(params: dict[str, Any], base: dict[str, Any], parent_run_id: str) -> 
 
 def trial_run_name(cfg: Config, pair: dict[str, Any]) -> str:
     return run_name_for(trial_config(cfg, pair["model"], pair["lr"]))
+
+
+def summarize_stopped_trial(cfg: Config, run_name: str) -> RunSummary:
+    """Summary of a trial Tune ended (its process may be gone), from its checkpoints; ends its MLflow
+    run. ``RuntimeError`` / ``StorageError`` when it never checkpointed."""
+    with tracking.ending(cfg, read_run_info(cfg, run_name).mlflow_run_id):
+        return summarize_run(cfg, run_name, stopped_early=True)
+
+
+def _summary_callback(cfg: Config) -> Any:
+    """A Tune callback (driver side) that writes each ended trial's summary at once."""
+    from ray.tune import Callback
+
+    class _SummaryCallback(Callback):
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            name = trial_run_name(cfg, trial.config["trial"])
+            try:
+                if read_summary(cfg, name) is None:
+                    summarize_stopped_trial(cfg, name)
+            except (StorageError, RuntimeError) as exc:  # no checkpoint yet: the sweep's end decides
+                log.warning("trial %s ended without a summary: %s", name, exc)
+
+    return _SummaryCallback()
 
 
 def tune_architectures(cfg: Config) -> TuneResults:
@@ -89,6 +119,7 @@ def _search(cfg: Config, parent: str) -> TuneResults:
                 name=tune_experiment_name(cfg),
                 storage_path=runs.path,
                 storage_filesystem=runs.filesystem if is_s3(runs.uri) else None,
+                callbacks=[_summary_callback(cfg)],
             ),
         )
         for result in tuner.fit():
@@ -101,9 +132,8 @@ def _search(cfg: Config, parent: str) -> TuneResults:
         summary = done[i] or read_summary(cfg, name)
         error = None
         if summary is None:
-            try:  # ASHA stopped it (the trial process is gone): summarise from its checkpoints
-                with tracking.ending(cfg, read_run_info(cfg, name).mlflow_run_id):
-                    summary = summarize_run(cfg, name, stopped_early=True)
+            try:  # stopped, and the callback could not summarise it then
+                summary = summarize_stopped_trial(cfg, name)
             except (StorageError, RuntimeError) as exc:  # failed before its first checkpoint
                 error = errors.get((p["model"], p["lr"]), str(exc))
         trials.append(TrialResult(model=p["model"], lr=p["lr"], run_name=name, summary=summary, error=error))

@@ -181,6 +181,11 @@ class FakeCluster:
 
         return JobSubmissionClient(self.dashboard_url).get_job_info(job_id)
 
+    def job_logs(self, job_id: str) -> str:
+        from ray.job_submission import JobSubmissionClient
+
+        return JobSubmissionClient(self.dashboard_url).get_job_logs(job_id)
+
     def stop_job(self, job_id: str) -> None:
         from ray.job_submission import JobSubmissionClient
 

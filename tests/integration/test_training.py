@@ -98,3 +98,40 @@ def test_early_stopping_stops_every_rank_before_the_last_epoch(overrides: list[s
     # Epoch 0 streams through Ray Data and fills the cache; later epochs read the cache.
     assert [h["data_from_cache"] for h in history] == [False] + [True] * (len(history) - 1)
     assert summary.attempts == 1 and all(h["attempt"] == 0 for h in history)
+
+
+def test_a_trial_tune_ends_before_its_fit_returns_is_summarised_at_once(
+    overrides: list[str], mlflow_uri: str
+) -> None:
+    """ASHA stops a trial right after its last report, often before the trial's ``fit`` writes the
+    summary: the sweep's callback writes it then (not after the sweep), and ends the MLflow run."""
+    from types import SimpleNamespace
+
+    from mlflow import MlflowClient
+
+    from lensmill.train import read_summary
+    from lensmill.tune import _summary_callback, trial_run_name
+
+    cfg = load_config(None, [*overrides, "name=ended", "train.epochs=2"])
+    pair = {"model": cfg.train.model, "lr": cfg.train.lr}
+    name = trial_run_name(cfg, pair)
+    summary = fit(cfg, run_name=name)
+    # As Tune leaves it: checkpoints on storage, no summary, the MLflow run still RUNNING.
+    Path(runs_uri(cfg), name, SUMMARY_FILE).unlink()
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    client.update_run(summary.mlflow_run_id, status="RUNNING")
+    assert read_summary(cfg, name) is None
+
+    _summary_callback(cfg).on_trial_complete(
+        iteration=1, trials=[], trial=SimpleNamespace(config={"trial": pair})
+    )
+    again = read_summary(cfg, name)
+    assert again is not None and (again.val_auc, again.best_epoch, again.epochs_run) == (
+        summary.val_auc, summary.best_epoch, 2,
+    )  # fmt: skip
+    # Stopped by the scheduler at its last epoch: not an early stop.
+    assert not again.stopped_early and again.stop_reason is None
+    assert client.get_run(summary.mlflow_run_id).info.status == "FINISHED"
+    # A trial that never checkpointed is left to the sweep's end, without raising here.
+    missing = SimpleNamespace(config={"trial": {"model": "tiny", "lr": 0.5}})
+    _summary_callback(cfg).on_trial_complete(iteration=1, trials=[], trial=missing)
