@@ -1,33 +1,39 @@
 """Ensemble: pick members among the trials with checkpoints, search their weights on validation, register.
 
-Member probabilities on the validation split are computed once; the weight search then runs on
-arrays: every point of a simplex grid with step ``ensemble.weight_step``, scored by ROC AUC
-(ties broken by log loss). A temperature for the weighted probability is then fitted on the same
-validation arrays (``metrics.fit_temperature``) and stored in ``ensemble.json``, so that serving and
-evaluation report calibrated probabilities. The result is registered in MLflow and aliased ``@champion``.
+Member probabilities on the validation split are computed once; Ray Tune then searches the weights
+on those arrays (``search_weights``: Ray Tune's Optuna search algorithm, TPE over one raw weight
+per member, normalised onto the simplex), maximising ``ensemble.objective``; equal weights
+and each member alone are evaluated first, so the result never trails them on validation. A
+temperature for the weighted probability is then fitted on the same arrays
+(``metrics.fit_temperature``), and the decision threshold is chosen on the calibrated validation
+probabilities (``choose_threshold``, ``ensemble.operating_point``). Both go into ``ensemble.json``,
+so that serving, scoring and evaluation report calibrated probabilities and labels at that
+threshold. The result is registered in MLflow and aliased ``@champion``.
 """
 
 from __future__ import annotations
 
-import itertools
+import logging
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import log_loss, roc_auc_score
+from sklearn.metrics import log_loss, roc_auc_score, roc_curve
 
 from lensmill import tracking
-from lensmill.config import Config
+from lensmill.config import Config, EnsembleConfig, OperatingPoint
 from lensmill.layout import ensemble_result_uri, stage_run_name
-from lensmill.metrics import apply_temperature, expected_calibration_error, fit_temperature
+from lensmill.metrics import apply_temperature, expected_calibration_error, fit_temperature, tpr_at_max_fp
 from lensmill.models import load_classifier
 from lensmill.predict import EnsemblePredictor, Member
 from lensmill.records import RunSummary, TrialResult
 from lensmill.shards import load_split
 from lensmill.storage import download_dir, is_s3, write_json
 from lensmill.tune import load_tune_results
+
+log = logging.getLogger(__name__)
 
 
 def select_members(trials: Sequence[TrialResult], max_members: int) -> list[TrialResult]:
@@ -40,22 +46,120 @@ def select_members(trials: Sequence[TrialResult], max_members: int) -> list[Tria
     return (list(firsts.values()) + rest)[:max_members]
 
 
-def simplex_grid(n_members: int, step: float) -> np.ndarray:
-    """All weight vectors with entries in multiples of ``step`` summing to 1: shape (K, n_members)."""
-    units = round(1 / step)
-    points = [c for c in itertools.product(range(units + 1), repeat=n_members - 1) if sum(c) <= units]
-    return np.array([[*c, units - sum(c)] for c in points], dtype=np.float64) / units
+def combine(member_probs: np.ndarray, weights: Sequence[float]) -> np.ndarray:
+    """Weighted mean (N,) of member probabilities (N, M); weights (M,) need not sum to 1."""
+    return EnsemblePredictor.combine(member_probs, np.asarray(weights, np.float64))
 
 
-def search_weights(member_probs: np.ndarray, labels: np.ndarray, step: float) -> tuple[np.ndarray, float]:
-    """Weights (M,) maximising validation AUC of the weighted mean of member_probs (N, M)."""
-    best_key, best_w = (-np.inf, -np.inf), None
-    for w in simplex_grid(member_probs.shape[1], step):
-        p = member_probs @ w
-        key = (roc_auc_score(labels, p), -log_loss(labels, np.clip(p, 1e-7, 1 - 1e-7), labels=[0, 1]))
-        if key > best_key:
-            best_key, best_w = key, w
-    return best_w, float(best_key[0])
+def objective_value(objective: str, labels: np.ndarray, p: np.ndarray) -> float:
+    """The ensemble's validation objective, larger is better (log loss enters negated)."""
+    if objective == "roc_auc":
+        return float(roc_auc_score(labels, p))
+    if objective == "tpr10":
+        return tpr_at_max_fp(labels, p, 10)
+    return -_log_loss(labels, p)
+
+
+def _log_loss(labels: np.ndarray, p: np.ndarray) -> float:
+    return float(log_loss(labels, np.clip(p, 1e-7, 1 - 1e-7), labels=[0, 1]))
+
+
+def _weights_of(config: dict[str, Any], m: int) -> list[float]:
+    return [float(config[f"w{j}"]) for j in range(m)]
+
+
+def _score_weights(
+    member_probs: np.ndarray, labels: np.ndarray, weights: list[float], objective: str
+) -> dict[str, float]:
+    """One weight vector's objective, and its log loss (the tie-break)."""
+    if sum(weights) <= 0:  # all zero: no ensemble; the worst score rather than an error
+        return {"objective": -np.inf, "log_loss": np.inf}
+    p = combine(member_probs, weights)
+    return {"objective": objective_value(objective, labels, p), "log_loss": _log_loss(labels, p)}
+
+
+def search_weights(member_probs: np.ndarray, labels: np.ndarray, settings: EnsembleConfig) -> dict[str, Any]:
+    """Search the weights of members' validation probabilities (N, M) with Ray Tune's Optuna search
+    algorithm (TPE): the best weights (M,, summing to 1), their objective, and the objectives of
+    equal weights and of each member alone on the same data.
+
+    The searcher is driven directly (``suggest`` / ``on_trial_complete``), in this process: one
+    evaluation is milliseconds of numpy on arrays already in memory, where a Tune trial would start
+    a Ray worker for each (seconds). One suggestion at a time, so the result follows from
+    ``settings.seed`` alone.
+    """
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    m = member_probs.shape[1]
+    # Equal weights, then each member alone, are evaluated first.
+    starts = [[1.0] * m] + [[1.0 if i == j else 0.0 for i in range(m)] for j in range(m)]
+    searcher = OptunaSearch(
+        space={f"w{j}": tune.uniform(0.0, 1.0) for j in range(m)},
+        metric="objective",
+        mode="max",
+        seed=settings.seed,
+        points_to_evaluate=[{f"w{j}": w[j] for j in range(m)} for w in starts],
+    )
+    rows = []
+    for i in range(max(settings.weight_trials, len(starts))):
+        trial_id = f"weights-{i}"
+        weights = _weights_of(searcher.suggest(trial_id), m)
+        result = _score_weights(member_probs, labels, weights, settings.objective)
+        searcher.on_trial_complete(
+            trial_id,
+            result if np.isfinite(result["objective"]) else None,
+            error=not np.isfinite(result["objective"]),
+        )
+        if np.isfinite(result["objective"]):
+            rows.append((result["objective"], -result["log_loss"], weights))
+    if not rows:
+        raise RuntimeError("the ensemble's weight search produced no usable result")
+    best_objective, _, best = max(rows, key=lambda r: (r[0], r[1]))
+    singles = [objective_value(settings.objective, labels, member_probs[:, j]) for j in range(m)]
+    return {
+        "weights": np.asarray(best) / sum(best),
+        "val_objective": float(best_objective),
+        "equal_weights_val_objective": objective_value(settings.objective, labels, member_probs.mean(axis=1)),
+        "best_member_val_objective": max(singles),
+        "member_val_objectives": singles,
+        "trials": len(rows),
+    }
+
+
+def choose_threshold(labels: np.ndarray, p: np.ndarray, point: OperatingPoint) -> dict[str, float]:
+    """The decision threshold (``label = p >= threshold``) for an operating point, on validation
+    labels (N,) and calibrated probabilities (N,), with the rates it gives there."""
+    prevalence = point.prevalence if point.prevalence is not None else float(np.mean(labels))
+    fpr, tpr, thresholds = roc_curve(labels, p, drop_intermediate=False)
+    # roc_curve: thresholds decrease, thresholds[0] = inf (nothing called a lens).
+    with np.errstate(invalid="ignore", divide="ignore"):
+        purity = np.where(tpr + fpr > 0, tpr * prevalence / (tpr * prevalence + fpr * (1 - prevalence)), 1.0)
+    if point.kind == "fixed":
+        threshold = point.value
+    else:
+        ok = fpr <= point.value if point.kind == "fpr" else purity >= point.value
+        # The lowest threshold that meets the target (the most lenses); none: call nothing a lens.
+        i = int(np.flatnonzero(ok)[-1]) if ok.any() else 0
+        if point.kind == "purity" and not ok[1:].any():
+            log.warning(
+                "no threshold reaches purity %.3g at prevalence %.3g on validation", point.value, prevalence
+            )
+        threshold = float(thresholds[i])
+    # The predictor needs 0 < threshold < 1 (an infinite one means "nothing").
+    threshold = float(np.clip(threshold, 1e-6, 1 - 1e-6))
+    pred = p >= threshold
+    n_neg, n_pos = int((labels == 0).sum()), int((labels == 1).sum())
+    tpr_t = float(pred[labels == 1].sum() / n_pos) if n_pos else 0.0
+    fpr_t = float(pred[labels == 0].sum() / n_neg) if n_neg else 0.0
+    denom = tpr_t * prevalence + fpr_t * (1 - prevalence)
+    return {
+        "threshold": threshold,
+        "val_tpr": tpr_t,
+        "val_fpr": fpr_t,
+        "val_purity": tpr_t * prevalence / denom if denom > 0 else 1.0,
+        "prevalence": prevalence,
+    }
 
 
 def _member_dir(cfg: Config, checkpoint_uri: str, dst: Path) -> Path:
@@ -90,18 +194,24 @@ def _weigh_and_register(cfg: Config, chosen: list[RunSummary], run_id: str) -> d
             )
         shape = tuple(int(s) for s in images.shape[1:])
         info = {"dataset_id": chosen[0].dataset_id, "config_hash": cfg.hash()}
-        equal = EnsemblePredictor(members, shape, cfg.ensemble.threshold, info)
+        point = cfg.ensemble.operating_point
+        equal = EnsemblePredictor(members, shape, 0.5, info)
         probs = equal.member_probabilities(images)  # (N, M), computed once
-        weights, val_auc = search_weights(probs, labels, cfg.ensemble.weight_step)
+        search = search_weights(probs, labels, cfg.ensemble)
+        weights = search["weights"]
         for m, w in zip(members, weights, strict=True):
             m.weight = float(w)
         # Calibration on validation: one temperature for the weighted probability (N,).
-        p_val = probs @ (weights / weights.sum())
+        p_val = combine(probs, weights)
+        val_auc = float(roc_auc_score(labels, p_val))
         temperature = fit_temperature(labels, p_val)
         bins = cfg.evaluate.calibration_bins
         val_ece = expected_calibration_error(labels, p_val, bins)
-        val_ece_cal = expected_calibration_error(labels, apply_temperature(p_val, temperature), bins)
-        predictor = EnsemblePredictor(members, shape, cfg.ensemble.threshold, info, temperature=temperature)
+        p_cal = apply_temperature(p_val, temperature)
+        val_ece_cal = expected_calibration_error(labels, p_cal, bins)
+        operating = choose_threshold(labels, p_cal, point)
+        info |= {"operating_point": {**point.model_dump(mode="json"), **operating}}
+        predictor = EnsemblePredictor(members, shape, operating["threshold"], info, temperature=temperature)
         out_dir = Path(tmp) / "ensemble"
         predictor.save(out_dir)
 
@@ -111,9 +221,17 @@ def _weigh_and_register(cfg: Config, chosen: list[RunSummary], run_id: str) -> d
             run_id,
             {
                 "val_auc": val_auc,
+                f"val_{cfg.ensemble.objective}": search["val_objective"],
+                f"equal_weights_val_{cfg.ensemble.objective}": search["equal_weights_val_objective"],
+                f"best_member_val_{cfg.ensemble.objective}": search["best_member_val_objective"],
+                "weight_search_trials": search["trials"],
                 "temperature": temperature,
                 "val_ece_uncalibrated": val_ece,
                 "val_ece": val_ece_cal,
+                "threshold": operating["threshold"],
+                "val_tpr_at_threshold": operating["val_tpr"],
+                "val_fpr_at_threshold": operating["val_fpr"],
+                "val_purity_at_threshold": operating["val_purity"],
                 **{f"weight_{j}": float(w) for j, w in enumerate(weights)},
                 **{f"member_val_auc_{j}": a for j, a in enumerate(member_aucs)},
             },
@@ -134,6 +252,12 @@ def _weigh_and_register(cfg: Config, chosen: list[RunSummary], run_id: str) -> d
         ],
         "ensemble_weights": [float(w) for w in weights],
         "val_auc": val_auc,
+        "objective": cfg.ensemble.objective,
+        "val_objective": search["val_objective"],
+        "equal_weights_val_objective": search["equal_weights_val_objective"],
+        "best_member_val_objective": search["best_member_val_objective"],
+        "weight_search_trials": search["trials"],
+        "operating_point": {**point.model_dump(mode="json"), **operating},
         "temperature": temperature,
         "val_ece_uncalibrated": val_ece,
         "val_ece": val_ece_cal,

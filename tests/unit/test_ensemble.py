@@ -1,8 +1,10 @@
 import numpy as np
 import pytest
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import log_loss, roc_auc_score
 
-from lensmill.ensemble import search_weights, select_members, simplex_grid
+from lensmill.config import OperatingPoint
+from lensmill.ensemble import choose_threshold, objective_value, select_members
+from lensmill.metrics import tpr_at_max_fp
 from lensmill.records import RunSummary, TrialResult
 
 
@@ -17,23 +19,47 @@ def trial(model: str, val_auc: float, lr: float, usable: bool = True) -> TrialRe
     return TrialResult(model=model, lr=lr, run_name=summary.run_name, summary=summary if usable else None)
 
 
-def test_simplex_grid_covers_the_simplex():
-    g = simplex_grid(3, 0.25)
-    assert g.shape == (15, 3)  # C(4 + 2, 2)
-    assert np.allclose(g.sum(axis=1), 1)
-    assert (g >= 0).all()
-    assert len({tuple(r) for r in g}) == len(g)
+def scores(n: int = 2000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Half lenses; a lens scores higher on average, with overlap."""
+    rng = np.random.default_rng(seed)
+    labels = (np.arange(n) % 2).astype(np.int64)
+    p = 1 / (1 + np.exp(-(rng.normal(0, 1, n) + 2.0 * labels - 1.0)))
+    return labels, p
 
 
-def test_search_weights_prefers_the_informative_member():
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, 2, 400)
-    good = np.clip(labels * 0.6 + rng.normal(0.2, 0.15, 400), 0, 1)
-    noise = rng.uniform(0, 1, 400)
-    w, auc = search_weights(np.stack([noise, good], axis=1), labels, 0.1)
-    assert w[1] > 0.8
-    assert auc == pytest.approx(roc_auc_score(labels, np.stack([noise, good], 1) @ w))
-    assert auc >= roc_auc_score(labels, good) - 1e-12
+def test_threshold_for_a_false_positive_rate_is_the_lowest_that_meets_it():
+    labels, p = scores()
+    op = choose_threshold(labels, p, OperatingPoint(kind="fpr", value=0.01))
+    neg = np.sort(p[labels == 0])[::-1]
+    # At most 1% of the 1,000 non-lenses at or above it, and one more would be called a lens just below.
+    assert (neg >= op["threshold"]).sum() <= 10 and op["val_fpr"] <= 0.01
+    assert (neg >= np.nextafter(neg[10], 0)).sum() == 11
+    assert op["threshold"] <= neg[9] and op["threshold"] > neg[10]
+    assert op["val_tpr"] == pytest.approx((p[labels == 1] >= op["threshold"]).mean())
+    # Far fewer false positives than at p >= 0.5 (the demo's 57 of 300).
+    assert op["val_fpr"] < ((p >= 0.5) & (labels == 0)).sum() / 1000
+
+
+def test_threshold_for_a_purity_counts_the_survey_prevalence():
+    labels, p = scores()
+    balanced = choose_threshold(labels, p, OperatingPoint(kind="purity", value=0.9))
+    survey = choose_threshold(labels, p, OperatingPoint(kind="purity", value=0.9, prevalence=0.01))
+    assert balanced["val_purity"] >= 0.9 and balanced["prevalence"] == pytest.approx(0.5)
+    # One lens in a hundred: the same purity needs a higher threshold (fewer false positives).
+    assert survey["threshold"] > balanced["threshold"]
+    tpr, fpr = survey["val_tpr"], survey["val_fpr"]
+    if tpr > 0:
+        assert tpr * 0.01 / (tpr * 0.01 + fpr * 0.99) >= 0.9
+    fixed = choose_threshold(labels, p, OperatingPoint(kind="fixed", value=0.7))
+    assert fixed["threshold"] == 0.7 and fixed["val_tpr"] == pytest.approx((p[labels == 1] >= 0.7).mean())
+
+
+def test_objectives_are_larger_is_better():
+    labels, p = scores(400)
+    assert objective_value("roc_auc", labels, p) == pytest.approx(roc_auc_score(labels, p))
+    assert objective_value("tpr10", labels, p) == tpr_at_max_fp(labels, p, 10)
+    assert objective_value("log_loss", labels, p) == pytest.approx(-log_loss(labels, p))
+    assert objective_value("log_loss", labels, p) > objective_value("log_loss", labels, 1 - p)
 
 
 def test_select_members_takes_best_of_each_architecture_first():
