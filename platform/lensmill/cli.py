@@ -110,12 +110,18 @@ def tune(config: ConfigPath = None, overrides: Overrides = None) -> None:
     run_command(config, overrides, tune_architectures)
 
 
+Promote = Annotated[
+    bool, typer.Option(help="Make the new ensemble @champion even if it does not beat the current one.")
+]
+
+
 @app.command()
-def ensemble(config: ConfigPath = None, overrides: Overrides = None) -> None:
-    """Weight the best trials on validation and register the ensemble @champion in MLflow."""
+def ensemble(config: ConfigPath = None, overrides: Overrides = None, promote: Promote = False) -> None:
+    """Weight the best trials on validation and register the ensemble in MLflow: @champion when it
+    beats the current champion on validation (or with --promote), else @challenger."""
     from lensmill.ensemble import build_ensemble
 
-    run_command(config, overrides, build_ensemble)
+    run_command(config, overrides, lambda cfg: build_ensemble(cfg, promote=promote))
 
 
 @app.command()
@@ -153,11 +159,12 @@ def pipeline(
     config: ConfigPath = None,
     overrides: Overrides = None,
     queries: Annotated[int, typer.Option(help="Held-out test images to score over HTTP at the end.")] = 8,
+    promote: Promote = False,
 ) -> None:
     """The whole path: simulate, tune, ensemble, evaluate, then serve and query the endpoint."""
     from lensmill.pipeline import run_pipeline
 
-    run_command(config, overrides, lambda cfg: run_pipeline(cfg, n_queries=queries))
+    run_command(config, overrides, lambda cfg: run_pipeline(cfg, n_queries=queries, promote=promote))
 
 
 def _dataset_arg(uri: str | None, overrides: list[str] | None) -> tuple[str | None, list[str]]:

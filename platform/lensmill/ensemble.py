@@ -8,7 +8,9 @@ temperature for the weighted probability is then fitted on the same arrays
 (``metrics.fit_temperature``), and the decision threshold is chosen on the calibrated validation
 probabilities (``choose_threshold``, ``ensemble.operating_point``). Both go into ``ensemble.json``,
 so that serving, scoring and evaluation report calibrated probabilities and labels at that
-threshold. The result is registered in MLflow and aliased ``@champion``.
+threshold. The result is registered in MLflow; it becomes ``@champion`` only when it beats the
+current champion on the same validation data by the same objective (or when told to: ``promote``),
+otherwise ``@challenger``; the decision and both figures are logged.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from sklearn.metrics import log_loss, roc_auc_score, roc_curve
 
 from lensmill import tracking
 from lensmill.config import Config, EnsembleConfig, OperatingPoint
+from lensmill.errors import TrackingError
 from lensmill.layout import ensemble_result_uri, stage_run_name
 from lensmill.metrics import apply_temperature, expected_calibration_error, fit_temperature, tpr_at_max_fp
 from lensmill.models import load_classifier
@@ -34,6 +37,7 @@ from lensmill.storage import download_dir, is_s3, write_json
 from lensmill.tune import load_tune_results
 
 log = logging.getLogger(__name__)
+CHALLENGER_ALIAS = "challenger"
 
 
 def select_members(trials: Sequence[TrialResult], max_members: int) -> list[TrialResult]:
@@ -168,19 +172,56 @@ def _member_dir(cfg: Config, checkpoint_uri: str, dst: Path) -> Path:
     return Path(checkpoint_uri)
 
 
-def build_ensemble(cfg: Config) -> dict[str, Any]:
-    """Select members from the tune results, weight them on validation, register ``@champion``."""
+def champion_objective(
+    cfg: Config, images: np.ndarray, labels: np.ndarray, download_to: Path
+) -> dict[str, Any]:
+    """The current champion's objective on these validation images (its calibrated ``p_lens``):
+    ``{"value", "version", "why"}``, value None when there is no champion or it takes other images."""
+    try:
+        loaded = tracking.load_ensemble(cfg, download_to)
+    except TrackingError:
+        return {"value": None, "version": None, "why": "no champion yet"}
+    shape = tuple(int(s) for s in images.shape[1:])
+    if loaded.predictor.image_shape != shape:
+        theirs = loaded.predictor.image_shape
+        why = f"the champion (version {loaded.version}) takes {theirs} images, not {shape}: not comparable"
+        return {"value": None, "version": loaded.version, "why": why}
+    p = loaded.predictor.predict(images)["p_lens"]
+    value = objective_value(cfg.ensemble.objective, labels, p)
+    return {"value": value, "version": loaded.version, "why": "compared on the same validation data"}
+
+
+def decide_promotion(new_value: float, champion: dict[str, Any], promote: bool) -> tuple[bool, str]:
+    """Whether the new ensemble becomes champion, and why (a line for the log and MLflow)."""
+    if promote:
+        return True, "promoted as asked (--promote)"
+    if champion["value"] is None:
+        return champion["version"] is None, champion["why"]
+    if new_value > champion["value"]:
+        return (
+            True,
+            f"beats champion version {champion['version']}: {new_value:.5g} > {champion['value']:.5g}",
+        )
+    return (
+        False,
+        f"does not beat champion version {champion['version']}: {new_value:.5g} <= {champion['value']:.5g}",
+    )
+
+
+def build_ensemble(cfg: Config, promote: bool = False) -> dict[str, Any]:
+    """Select members from the tune results, weight them on validation, register the ensemble:
+    ``@champion`` when it beats the current one on validation (or ``promote``), else ``@challenger``."""
     trials = load_tune_results(cfg).trials
     chosen = [t.summary for t in select_members(trials, cfg.ensemble.max_members) if t.summary]
     if not chosen:
         raise RuntimeError("no usable trials to build an ensemble from")
     with tracking.run(cfg, stage_run_name(cfg, "ensemble"), "ensemble", chosen[0].dataset_id) as run_id:
-        result = _weigh_and_register(cfg, chosen, run_id)
+        result = _weigh_and_register(cfg, chosen, run_id, promote)
     write_json(ensemble_result_uri(cfg), result, cfg.storage)
     return result
 
 
-def _weigh_and_register(cfg: Config, chosen: list[RunSummary], run_id: str) -> dict[str, Any]:
+def _weigh_and_register(cfg: Config, chosen: list[RunSummary], run_id: str, promote: bool) -> dict[str, Any]:
     """Member probabilities on validation, the weight search, the temperature, the registration."""
     dataset_uri = chosen[0].dataset_uri
     images, labels, _ = load_split(dataset_uri, "val", cfg.storage)
@@ -236,7 +277,24 @@ def _weigh_and_register(cfg: Config, chosen: list[RunSummary], run_id: str) -> d
                 **{f"member_val_auc_{j}": a for j, a in enumerate(member_aucs)},
             },
         )
-        registered = tracking.register_ensemble(cfg, run_id, out_dir)
+        # The same measure for both: the objective of the calibrated p_lens on these images.
+        new_value = objective_value(cfg.ensemble.objective, labels, p_cal)
+        champion = champion_objective(cfg, images, labels, Path(tmp) / "champion")
+        promoted, why = decide_promotion(new_value, champion, promote)
+        log.info("ensemble %s: %s", "promoted to champion" if promoted else "registered as challenger", why)
+        tracking.log_metrics(
+            cfg,
+            run_id,
+            {f"calibrated_val_{cfg.ensemble.objective}": new_value}
+            | (
+                {f"champion_val_{cfg.ensemble.objective}": champion["value"]}
+                if champion["value"] is not None
+                else {}
+            ),
+        )
+        tracking.client(cfg).set_tag(run_id, "lensmill.promotion", why)
+        alias = cfg.tracking.alias if promoted else CHALLENGER_ALIAS
+        registered = tracking.register_ensemble(cfg, run_id, out_dir, alias)
 
     result = {
         "members": [
@@ -263,6 +321,9 @@ def _weigh_and_register(cfg: Config, chosen: list[RunSummary], run_id: str) -> d
         "val_ece": val_ece_cal,
         "dataset_uri": dataset_uri,
         "mlflow_run_id": run_id,
+        "promoted": promoted,
+        "promotion": why,
+        "champion_before": champion,
         **registered,
     }
     return result

@@ -73,7 +73,13 @@ def describe_trial(trial: TrialResult) -> dict[str, Any]:
     return out | {"usable": trial.usable, "error": trial.error}
 
 
-def run_pipeline(cfg: Config, n_queries: int = 8, keep_serving: bool = False) -> dict[str, Any]:
+def _with_alias(cfg: Config, alias: str) -> Config:
+    return cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"alias": alias})})
+
+
+def run_pipeline(
+    cfg: Config, n_queries: int = 8, keep_serving: bool = False, promote: bool = False
+) -> dict[str, Any]:
     stages: dict[str, float] = {}
 
     def stage(name: str, fn, *args):
@@ -87,8 +93,9 @@ def run_pipeline(cfg: Config, n_queries: int = 8, keep_serving: bool = False) ->
     log_cost_estimate(cfg)
     manifest = stage("simulate", write_shards, cfg)
     tuned = stage("tune", tune_architectures, cfg)
-    ens = stage("ensemble", build_ensemble, cfg)
-    ev = stage("evaluate", evaluate, cfg)
+    ens = stage("ensemble", build_ensemble, cfg, promote)
+    # The new ensemble is evaluated (under the alias it got); the champion is served.
+    ev = stage("evaluate", evaluate, _with_alias(cfg, ens["alias"]))
     images, labels, _ = load_split(ens["dataset_uri"], "test", cfg.storage)
     idx = pick_queries(labels, n_queries, cfg.sim.seed)
     url = stage("serve", start_endpoint, cfg)
@@ -107,7 +114,18 @@ def run_pipeline(cfg: Config, n_queries: int = 8, keep_serving: bool = False) ->
         "members": [{"model": m["model"], "lr": m["lr"], "val_auc": m["val_auc"]} for m in ens["members"]],
         "ensemble_weights": ens["ensemble_weights"],
         "ensemble_val_auc": ens["val_auc"],
+        "ensemble_vs": {
+            k: ens[k]
+            for k in (
+                "objective",
+                "val_objective",
+                "equal_weights_val_objective",
+                "best_member_val_objective",
+            )
+        },
+        "operating_point": ens["operating_point"],
         "test_metrics": ev["metrics"],
+        "promotion": ens["promotion"],
         "model_uri": ens["model_uri"],
         "model_version": ens["version"],
         "endpoint": f"{url}/v1/predict",

@@ -159,6 +159,16 @@ def ending(cfg: Config, run_id: str) -> Iterator[str]:
     client(cfg).set_terminated(run_id, "FINISHED")
 
 
+def mark_finished(cfg: Config, run_id: str) -> bool:
+    """End a run FINISHED when it is not (a trial whose summary is written, but whose process was
+    stopped after that and ended its run FAILED or KILLED, or left it RUNNING); whether it changed."""
+    c = client(cfg)
+    if c.get_run(run_id).info.status == "FINISHED":
+        return False
+    c.set_terminated(run_id, "FINISHED")
+    return True
+
+
 def log_metrics(cfg: Config, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
     from mlflow.entities import Metric
 
@@ -203,8 +213,11 @@ def _pyfunc_model():  # defined lazily so that importing lensmill does not impor
     return LensEnsembleModel()
 
 
-def register_ensemble(cfg: Config, run_id: str, ensemble_dir: Path) -> dict[str, Any]:
-    """Log the ensemble directory as a pyfunc model in ``run_id``, register it, point the alias at it."""
+def register_ensemble(
+    cfg: Config, run_id: str, ensemble_dir: Path, alias: str | None = None
+) -> dict[str, Any]:
+    """Log the ensemble directory as a pyfunc model in ``run_id``, register it, point ``alias``
+    (default ``tracking.alias``, the champion) at it."""
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri_for(cfg))
@@ -219,12 +232,13 @@ def register_ensemble(cfg: Config, run_id: str, ensemble_dir: Path) -> dict[str,
             registered_model_name=name,
         )
     version = str(info.registered_model_version)
-    client(cfg).set_registered_model_alias(name, cfg.tracking.alias, version)
+    alias = alias or cfg.tracking.alias
+    client(cfg).set_registered_model_alias(name, alias, version)
     return {
         "name": name,
         "version": version,
-        "alias": cfg.tracking.alias,
-        "model_uri": f"models:/{name}@{cfg.tracking.alias}",
+        "alias": alias,
+        "model_uri": f"models:/{name}@{alias}",
         "version_uri": f"models:/{name}/{version}",
     }
 

@@ -136,6 +136,9 @@ def _search(cfg: Config, parent: str) -> TuneResults:
                 summary = summarize_stopped_trial(cfg, name)
             except (StorageError, RuntimeError) as exc:  # failed before its first checkpoint
                 error = errors.get((p["model"], p["lr"]), str(exc))
+        if summary is not None and tracking.mark_finished(cfg, summary.mlflow_run_id):
+            # Tune stopped the trial's process after its summary was written (it ends its run FAILED).
+            log.info("trial %s: MLflow run %s marked FINISHED", name, summary.mlflow_run_id)
         trials.append(TrialResult(model=p["model"], lr=p["lr"], run_name=name, summary=summary, error=error))
     usable = [x for x in trials if x.usable]
     if not usable:

@@ -58,6 +58,14 @@ def test_pipeline_summary_has_every_stage(smoke):
     assert {m["model"] for m in s["members"]} == {"tiny", "timm:resnet10t"}, s["trials"]
     assert all(0.0 <= m["val_auc"] <= 1.0 for m in s["members"])
     assert sum(s["ensemble_weights"]) == pytest.approx(1.0)
+    # The weight search never trails equal weights or the best member on validation.
+    vs = s["ensemble_vs"]
+    assert vs["objective"] == "roc_auc"
+    assert vs["val_objective"] >= max(vs["equal_weights_val_objective"], vs["best_member_val_objective"])
+    # The threshold was chosen on validation: at most 1% false positives there (the default).
+    op = s["operating_point"]
+    assert op["kind"] == "fpr" and op["val_fpr"] <= 0.01 and 0 < op["threshold"] < 1
+    assert s["test_metrics"]["threshold"] == pytest.approx(op["threshold"])
     for key in ("accuracy", "roc_auc", "precision", "recall", "f1"):
         assert 0.0 <= s["test_metrics"][key] <= 1.0
     assert s["model_uri"] == "models:/lens-ensemble@champion"
@@ -65,7 +73,7 @@ def test_pipeline_summary_has_every_stage(smoke):
     assert len(s["served"]) == 6
     for answer in s["served"]:
         assert 0.0 <= answer["p_lens"] <= 1.0
-        assert answer["label"] == int(answer["p_lens"] >= 0.5)
+        assert answer["label"] == int(answer["p_lens"] >= op["threshold"])
         assert answer["true_label"] in (0, 1)
     assert {a["true_label"] for a in s["served"]} == {0, 1}
 
@@ -86,6 +94,8 @@ def test_champion_is_registered_with_its_lineage(smoke):
     train_runs = c.search_runs([run.info.experiment_id], "tags.`lensmill.stage` = 'train'")
     member_runs = [r for r in train_runs if r.info.run_name in names]
     assert len(member_runs) == 2 == len(names)
+    # Tune stops a trial right after its last epoch: its run still ends FINISHED, not FAILED/KILLED.
+    assert [r.info.status for r in member_runs] == ["FINISHED"] * 2
     for r in member_runs:
         history = c.get_metric_history(r.info.run_id, "val_auc")
         assert [m.step for m in history] == [0, 1]
@@ -100,6 +110,18 @@ def test_rerun_reuses_data_and_finished_trials(smoke):
     assert summary["dataset_id"] == smoke["summary"]["dataset_id"]
     assert summary["members"] == smoke["summary"]["members"]
     assert int(summary["model_version"]) == int(smoke["summary"]["model_version"]) + 1
+    # The same members, the same weights: no better than the champion, so it is only @challenger.
+    assert summary["promotion"].startswith("does not beat champion version"), summary["promotion"]
+    assert summary["model_uri"] == "models:/lens-ensemble@challenger"
+    from mlflow import MlflowClient
+
+    c = MlflowClient(tracking_uri=smoke["mlflow_uri"], registry_uri=smoke["mlflow_uri"])
+    assert c.get_model_version_by_alias("lens-ensemble", "champion").version == str(
+        smoke["summary"]["model_version"]
+    )
+    assert c.get_model_version_by_alias("lens-ensemble", "challenger").version == str(
+        summary["model_version"]
+    )
 
 
 def test_user_mistakes_get_one_clear_line_and_no_traceback(smoke):

@@ -72,3 +72,17 @@ def test_select_members_takes_best_of_each_architecture_first():
     chosen = select_members(trials, 2)
     assert [(t.model, t.lr) for t in chosen] == [("a", 1), ("b", 1)]
     assert len(select_members(trials, 5)) == 3
+
+
+def test_promotion_needs_a_better_figure_on_the_same_data_or_the_users_word():
+    from lensmill.ensemble import decide_promotion
+
+    champion = {"value": 0.95, "version": "3", "why": "compared on the same validation data"}
+    assert decide_promotion(0.96, champion, promote=False)[0]
+    refused, why = decide_promotion(0.94, champion, promote=False)
+    assert not refused and "does not beat champion version 3" in why and "0.94" in why
+    assert not decide_promotion(0.95, champion, promote=False)[0]  # a tie keeps the champion
+    assert decide_promotion(0.5, champion, promote=True) == (True, "promoted as asked (--promote)")
+    assert decide_promotion(0.5, {"value": None, "version": None, "why": "no champion yet"}, False)[0]
+    other = {"value": None, "version": "3", "why": "the champion takes other images: not comparable"}
+    assert decide_promotion(0.99, other, promote=False) == (False, other["why"])
