@@ -537,7 +537,7 @@ def fit(
 
 def _trainer(plan: WorkerPlan, run_name: str, dataset_uri: str, callbacks: list | None) -> Any:
     """The ``TorchTrainer`` of one run: workers, checkpoints under the runs folder, the two splits."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     cfg, t = plan.cfg, plan.cfg.train
@@ -566,12 +566,26 @@ def _trainer(plan: WorkerPlan, run_name: str, dataset_uri: str, callbacks: list 
             callbacks=callbacks,
         ),
         datasets={
+            # Block order from train.seed (the same in every epoch; the seeded local shuffle varies
+            # the order within each epoch), and blocks delivered in that order (``preserve_order``):
+            # a rerun of the same config sees the same batches (one worker; several workers share
+            # the blocks out dynamically).
             "train": read_shards(dataset_uri, "train", cfg.storage)
             .select_columns(columns)
-            .randomize_block_order(),
+            .randomize_block_order(seed=t.seed),
             "val": read_shards(dataset_uri, "val", cfg.storage).select_columns(columns),
         },
+        dataset_config=DataConfig(execution_options=_ordered_ingest()),
     )
+
+
+def _ordered_ingest() -> Any:
+    """Ray Train's default ingest options, with blocks kept in dataset order."""
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()  # a fresh object each call
+    options.preserve_order = True
+    return options
 
 
 def read_run_info(cfg: Config, run_name: str) -> RunInfo:
