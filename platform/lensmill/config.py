@@ -571,6 +571,9 @@ class EnsembleConfig(_Frozen):
     objective: Literal["roc_auc", "tpr10", "log_loss"] = "roc_auc"
     seed: int = 0
     operating_point: OperatingPoint = OperatingPoint()
+    # Dihedral test-time augmentation in the ensemble stage, evaluation, serving and scoring: each
+    # member scores the 8 rotations/flips of an image (8x the inference cost).
+    tta: bool = False
 
 
 class EvaluateConfig(_Frozen):

@@ -236,7 +236,8 @@ def _weigh_and_register(cfg: Config, chosen: list[RunSummary], run_id: str, prom
         shape = tuple(int(s) for s in images.shape[1:])
         info = {"dataset_id": chosen[0].dataset_id, "config_hash": cfg.hash()}
         point = cfg.ensemble.operating_point
-        equal = EnsemblePredictor(members, shape, 0.5, info)
+        tta = cfg.ensemble.tta
+        equal = EnsemblePredictor(members, shape, 0.5, info, tta=tta)
         probs = equal.member_probabilities(images)  # (N, M), computed once
         search = search_weights(probs, labels, cfg.ensemble)
         weights = search["weights"]
@@ -252,7 +253,9 @@ def _weigh_and_register(cfg: Config, chosen: list[RunSummary], run_id: str, prom
         val_ece_cal = expected_calibration_error(labels, p_cal, bins)
         operating = choose_threshold(labels, p_cal, point)
         info |= {"operating_point": {**point.model_dump(mode="json"), **operating}}
-        predictor = EnsemblePredictor(members, shape, operating["threshold"], info, temperature=temperature)
+        predictor = EnsemblePredictor(
+            members, shape, operating["threshold"], info, temperature=temperature, tta=tta
+        )
         out_dir = Path(tmp) / "ensemble"
         predictor.save(out_dir)
 

@@ -1,6 +1,9 @@
 """Model registry in the style of timm: ``create_model(name, in_chans=…, num_classes=…)``.
 
-Names: the torchvision ResNets (``resnet18``, ``resnet34``), torchvision's ViT-B/16 (``vit_b_16``,
+Names: the torchvision ResNets (``resnet18``, ``resnet34``), the same with a small-cutout stem
+(``resnet18_small_stem``, ``resnet34_small_stem``: a 3x3 stride-1 first conv and no max-pool, as
+CIFAR-style ResNets have, so a 64x64 cutout reaches the first block at full resolution instead of
+16x16 and 1-2 px arcs are not blurred away), torchvision's ViT-B/16 (``vit_b_16``,
 which resizes its input to 224x224 itself), ``tiny`` (a small CNN for fast tests), and any timm model
 as ``timm:<name>`` (e.g. ``timm:resnet10t``). Every model takes any number of bands (``in_chans``).
 Weights are never fetched from a hub: ``load_pretrained`` reads a state_dict from a local path or a
@@ -27,6 +30,7 @@ if TYPE_CHECKING:
     from lensmill.config import StorageConfig
 
 _TORCHVISION = ("resnet18", "resnet34")
+_SMALL_STEM = "_small_stem"
 _VIT = ("vit_b_16",)
 # torchvision's ViT-B/16 has a fixed 14x14 grid of 16-pixel patches.
 VIT_IMAGE_SIZE = 224
@@ -53,11 +57,16 @@ class TinyCNN(nn.Module):
         return self.head(self.features(x).mean(dim=(2, 3)))
 
 
-def _torchvision_resnet(name: str, in_chans: int, num_classes: int) -> nn.Module:
+def _torchvision_resnet(name: str, in_chans: int, num_classes: int, small_stem: bool = False) -> nn.Module:
     import torchvision
 
     model = getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
-    if in_chans != 3:
+    if small_stem:
+        # (N, C, H, W) -> (N, 64, H, W) into layer1, where the ImageNet stem gives (N, 64, H/4, W/4).
+        model.conv1 = nn.Conv2d(in_chans, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+        model.maxpool = nn.Identity()
+    elif in_chans != 3:
         model.conv1 = nn.Conv2d(in_chans, 64, kernel_size=7, stride=2, padding=3, bias=False)
     return model
 
@@ -105,7 +114,7 @@ def _timm_model(name: str, in_chans: int, num_classes: int) -> nn.Module:
 
 def list_models(pattern: str = "") -> list[str]:
     """Registered names; any timm model is also accepted as ``timm:<name>`` (see ``timm.list_models``)."""
-    names = ["tiny", *_TORCHVISION, *_VIT, "timm:<any timm model>"]
+    names = ["tiny", *_TORCHVISION, *(n + _SMALL_STEM for n in _TORCHVISION), *_VIT, "timm:<any timm model>"]
     return [n for n in names if pattern in n]
 
 
@@ -123,6 +132,10 @@ def create_model(
     builders: dict[str, Callable[[], nn.Module]] = {
         "tiny": lambda: TinyCNN(in_chans, num_classes),
         **{n: (lambda n=n: _torchvision_resnet(n, in_chans, num_classes)) for n in _TORCHVISION},
+        **{
+            n + _SMALL_STEM: (lambda n=n: _torchvision_resnet(n, in_chans, num_classes, small_stem=True))
+            for n in _TORCHVISION
+        },
         **{n: (lambda n=n: _torchvision_vit(n, in_chans, num_classes)) for n in _VIT},
     }
     if name.startswith("timm:"):

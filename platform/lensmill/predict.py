@@ -16,7 +16,11 @@ the ranking (ROC AUC, TPR0/10) and the p = 0.5 point, so serving and evaluation 
 ``p_lens``.
 
 The file is a ``records.EnsembleManifest``. Top-level keys other than ``format_version``,
-``image_shape``, ``threshold``, ``temperature`` and ``members`` (such as ``dataset_id``) are kept in
+``tta`` (false when absent): each member's probability is the mean over the 8 rotations and flips
+of the image (the dihedral group: a lens is a lens at any orientation), so scores do not depend on
+how a survey's cutouts are oriented; 8x the inference cost.
+
+``image_shape``, ``threshold``, ``temperature``, ``tta`` and ``members`` (such as ``dataset_id``) are kept in
 ``EnsemblePredictor.info``; member keys other than ``name``, ``weight`` and ``file`` are kept in
 ``Member.meta``.
 """
@@ -131,6 +135,12 @@ def validate_images(images: Any, image_shape: Sequence[int]) -> np.ndarray:
     return batch
 
 
+def dihedral_views(x: torch.Tensor) -> list[torch.Tensor]:
+    """The 8 rotations and reflections of a batch (N, C, H, W) of square images, identity first."""
+    flipped = torch.flip(x, dims=(3,))
+    return [torch.rot90(v, k, dims=(2, 3)) for v in (x, flipped) for k in range(4)]
+
+
 class EnsemblePredictor:
     """Weighted average of member probabilities, temperature-calibrated, with a decision threshold
     and the members' spread."""
@@ -143,6 +153,7 @@ class EnsemblePredictor:
         info: dict[str, Any] | None = None,
         batch_size: int = 256,
         temperature: float = 1.0,
+        tta: bool = False,
     ) -> None:
         if not members:
             raise ValueError("an ensemble needs at least one member")
@@ -178,6 +189,7 @@ class EnsemblePredictor:
         self._info = dict(info or {})
         self._batch_size = int(batch_size)
         self._temperature = t
+        self._tta = bool(tta)
         self._device = torch.device("cpu")
         # Stored normalised so that combine() and spread use the same weights the files describe.
         self._weights = weights / weights.sum()
@@ -195,6 +207,11 @@ class EnsemblePredictor:
     def temperature(self) -> float:
         """Calibration temperature applied to the ensemble's probability (1.0 = none)."""
         return self._temperature
+
+    @property
+    def tta(self) -> bool:
+        """Whether members score the 8 rotations/flips of each image (averaged)."""
+        return self._tta
 
     @property
     def members(self) -> list[Member]:
@@ -234,14 +251,19 @@ class EnsemblePredictor:
         with torch.inference_mode():
             for start in range(0, n, self._batch_size):
                 x = torch.from_numpy(batch[start : start + self._batch_size]).to(self._device)
+                views = dihedral_views(x) if self._tta else [x]
                 for j, member in enumerate(self._members):
-                    logits = member.model(x).reshape(-1)
-                    if logits.shape[0] != x.shape[0]:
-                        raise RuntimeError(
-                            f"member {member.name!r} gave {logits.shape[0]} logits for {x.shape[0]} images"
-                        )
-                    # Sigmoid in float64 keeps probabilities near 0 and 1 distinguishable.
-                    out[start : start + x.shape[0], j] = torch.sigmoid(logits.double()).cpu().numpy()
+                    p = torch.zeros(x.shape[0], dtype=torch.float64, device=self._device)
+                    for view in views:
+                        logits = member.model(view).reshape(-1)
+                        if logits.shape[0] != x.shape[0]:
+                            n_out, n_in = logits.shape[0], x.shape[0]
+                            raise RuntimeError(
+                                f"member {member.name!r} gave {n_out} logits for {n_in} images"
+                            )
+                        # Sigmoid in float64 keeps probabilities near 0 and 1 distinguishable.
+                        p += torch.sigmoid(logits.double())
+                    out[start : start + x.shape[0], j] = (p / len(views)).cpu().numpy()
         return out
 
     @staticmethod
@@ -305,6 +327,7 @@ class EnsemblePredictor:
             image_shape=self._image_shape,
             threshold=self._threshold,
             temperature=self._temperature,
+            tta=self._tta,
             members=tuple(entries),
             **_plain(info),
         )
@@ -346,6 +369,7 @@ class EnsemblePredictor:
                 info=manifest.info,
                 batch_size=batch_size,
                 temperature=manifest.temperature,
+                tta=manifest.tta,
             )
         except ValueError as exc:
             raise EnsembleArtifactError(f"{path}: {exc}") from None

@@ -253,6 +253,8 @@ class EnsembleManifest(_OpenRecord):
     image_shape: tuple[PositiveInt, PositiveInt, PositiveInt]
     threshold: Annotated[float, Field(gt=0, lt=1)] = 0.5
     temperature: Annotated[float, Field(gt=0)] = 1.0
+    # Dihedral test-time augmentation: each member scores the 8 rotations/flips of an image, averaged.
+    tta: bool = False
     members: Annotated[tuple[EnsembleMemberEntry, ...], Field(min_length=1)]
 
     @field_validator("temperature", "threshold", mode="before")

@@ -231,3 +231,28 @@ def test_temperature_calibrates_p_lens_and_survives_a_round_trip(images: np.ndar
     for bad in (0.0, -1.0, float("nan"), float("inf"), "x"):
         with pytest.raises(ValueError, match="temperature"):
             EnsemblePredictor(members, SHAPE, temperature=bad)
+
+
+def test_tta_scores_do_not_depend_on_orientation_and_survive_save_load(
+    predictor: EnsemblePredictor, images: np.ndarray, tmp_path: Path
+) -> None:
+    members = [_member("tiny-a", 1, 0.6), _member("tiny-b", 2, 0.4)]
+    tta = EnsemblePredictor(members, SHAPE, threshold=0.5, batch_size=4, tta=True)
+    p = tta.member_probabilities(images)
+    # Averaged over the dihedral group: a rotated or mirrored image scores the same.
+    for turned in (
+        np.rot90(images, 1, axes=(2, 3)),
+        images[..., ::-1],
+        np.rot90(images[..., ::-1], 3, axes=(2, 3)),
+    ):
+        assert np.allclose(tta.member_probabilities(np.ascontiguousarray(turned)), p, atol=1e-6)
+    # Without TTA the tiny CNN is not rotation invariant, so the check above could fail.
+    plain = predictor.member_probabilities(images)
+    assert not np.allclose(
+        predictor.member_probabilities(np.ascontiguousarray(np.rot90(images, 1, axes=(2, 3)))),
+        plain,
+        atol=1e-4,
+    )
+    loaded = EnsemblePredictor.load(tta.save(tmp_path / "tta"))
+    assert loaded.tta and np.allclose(loaded.member_probabilities(images), p)
+    assert json.loads((tmp_path / "tta" / "ensemble.json").read_text())["tta"] is True

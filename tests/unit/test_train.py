@@ -25,7 +25,9 @@ def test_dihedral_augment_only_permutes_pixels_within_each_image():
 
 
 @pytest.mark.parametrize("in_chans", [1, 3])
-@pytest.mark.parametrize("name", ["tiny", "resnet18", "resnet34", "vit_b_16", "timm:resnet10t"])
+@pytest.mark.parametrize(
+    "name", ["tiny", "resnet18", "resnet34", "resnet18_small_stem", "vit_b_16", "timm:resnet10t"]
+)
 def test_every_registered_model_runs_forward_and_backward(name: str, in_chans: int):
     assert name in list_models() or name.startswith("timm:")
     torch.manual_seed(0)
@@ -34,6 +36,20 @@ def test_every_registered_model_runs_forward_and_backward(name: str, in_chans: i
     out.sum().backward()
     assert out.shape == (2, 1)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
+
+
+def test_small_stem_keeps_the_cutouts_resolution_into_the_first_block():
+    seen = {}
+    for name in ("resnet18", "resnet18_small_stem"):
+        m = create_model(name, in_chans=3).eval()
+        m.layer1.register_forward_hook(
+            lambda mod, args, out, name=name: seen.update({name: tuple(out.shape)})
+        )
+        with torch.inference_mode():
+            m(torch.randn(1, 3, 64, 64))
+    # The ImageNet stem (7x7 stride 2 + max-pool) leaves 16x16 of a 64x64 cutout; the small stem 64x64.
+    assert seen == {"resnet18": (1, 64, 16, 16), "resnet18_small_stem": (1, 64, 64, 64)}
+    assert create_model("resnet34_small_stem", in_chans=1).conv1.kernel_size == (3, 3)
 
 
 def test_vit_keeps_torchvision_keys_and_resizes_inside():
