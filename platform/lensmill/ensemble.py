@@ -166,6 +166,36 @@ def choose_threshold(labels: np.ndarray, p: np.ndarray, point: OperatingPoint) -
     }
 
 
+def _version_description(
+    cfg: Config,
+    dataset_id: str,
+    members: list[Member],
+    member_aucs: list[float],
+    val_auc: float,
+    search: dict[str, Any],
+    temperature: float,
+    operating: dict[str, float],
+    why: str,
+) -> str:
+    """What the registry shows for a version: members, weights, validation figures, the decision."""
+    point, obj = cfg.ensemble.operating_point, cfg.ensemble.objective
+    return "\n".join(
+        [
+            f"Ensemble of {len(members)} members on dataset {dataset_id}:",
+            *(
+                f"- {m.name}: weight {m.weight:.3f}, validation ROC AUC {a:.4f}"
+                for m, a in zip(members, member_aucs, strict=True)
+            ),
+            f"Validation: ROC AUC {val_auc:.4f}, {obj} {search['val_objective']:.4f} "
+            f"(equal weights {search['equal_weights_val_objective']:.4f}, "
+            f"best member {search['best_member_val_objective']:.4f}); temperature {temperature:.3f}; "
+            f"threshold {operating['threshold']:.4f} ({point.kind} {point.value:g}: "
+            f"validation TPR {operating['val_tpr']:.3f}, FPR {operating['val_fpr']:.4f}).",
+            f"Promotion: {why}.",
+        ]
+    )
+
+
 def _member_dir(cfg: Config, checkpoint_uri: str, dst: Path) -> Path:
     if is_s3(checkpoint_uri):
         return download_dir(checkpoint_uri, dst, cfg.storage)
@@ -297,7 +327,15 @@ def _weigh_and_register(cfg: Config, chosen: list[RunSummary], run_id: str, prom
         )
         tracking.client(cfg).set_tag(run_id, "lensmill.promotion", why)
         alias = cfg.tracking.alias if promoted else CHALLENGER_ALIAS
-        registered = tracking.register_ensemble(cfg, run_id, out_dir, alias)
+        description = _version_description(
+            cfg, chosen[0].dataset_id, members, member_aucs, val_auc, search, temperature, operating, why
+        )
+        version_tags = {
+            "dataset_id": chosen[0].dataset_id,
+            "config_hash": cfg.hash(),
+            "git_sha": tracking.git_sha(),
+        }
+        registered = tracking.register_ensemble(cfg, run_id, out_dir, alias, description, version_tags)
 
     result = {
         "members": [

@@ -26,7 +26,7 @@ import yaml
 from lensmill import __version__
 from lensmill.config import Config
 from lensmill.errors import TrackingError
-from lensmill.layout import mlflow_artifacts_path, mlflow_db_path
+from lensmill.layout import dataset_uri, mlflow_artifacts_path, mlflow_db_path
 from lensmill.storage import is_s3
 
 if TYPE_CHECKING:
@@ -134,6 +134,8 @@ def run(
         tags["dataset_id"] = dataset_id
     run_id = c.create_run(experiment_id(cfg), run_name=run_name, tags=tags).info.run_id
     with ending(cfg, run_id):
+        if dataset_id:
+            log_dataset(cfg, run_id, dataset_id, stage)
         flat = _flatten(cfg.model_dump(mode="json"))
         flat.update({k: str(v) for k, v in (params or {}).items()})
         items = [Param(k, v) for k, v in sorted(flat.items())]
@@ -141,6 +143,21 @@ def run(
             c.log_batch(run_id, params=items[i : i + 100])
         log_dict(cfg, run_id, cfg.model_dump(mode="json"), "config.yaml")
         yield run_id
+
+
+def log_dataset(cfg: Config, run_id: str, dataset_id: str, context: str) -> None:
+    """The run's dataset, shown in the MLflow UI's Dataset column: named and digested by the
+    manifest's dataset id (a content address), sourced at its URI."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    source = cfg.dataset_uri or dataset_uri(cfg.storage.root, dataset_id)
+    dataset = Dataset(
+        name=f"lensmill-{dataset_id}",
+        digest=dataset_id[:36],
+        source_type="lensmill",
+        source=json.dumps({"uri": source, "dataset_id": dataset_id}),
+    )
+    client(cfg).log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
 
 
 @contextmanager
@@ -214,10 +231,16 @@ def _pyfunc_model():  # defined lazily so that importing lensmill does not impor
 
 
 def register_ensemble(
-    cfg: Config, run_id: str, ensemble_dir: Path, alias: str | None = None
+    cfg: Config,
+    run_id: str,
+    ensemble_dir: Path,
+    alias: str | None = None,
+    description: str | None = None,
+    tags: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Log the ensemble directory as a pyfunc model in ``run_id``, register it, point ``alias``
-    (default ``tracking.alias``, the champion) at it."""
+    """Log the ensemble directory as a pyfunc model in ``run_id``, register it with ``description``
+    and ``tags`` (what a reviewer reads in the registry), point ``alias`` (default
+    ``tracking.alias``, the champion) at it."""
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri_for(cfg))
@@ -233,7 +256,12 @@ def register_ensemble(
         )
     version = str(info.registered_model_version)
     alias = alias or cfg.tracking.alias
-    client(cfg).set_registered_model_alias(name, alias, version)
+    c = client(cfg)
+    if description:
+        c.update_model_version(name, version, description=description)
+    for key, value in (tags or {}).items():
+        c.set_model_version_tag(name, version, key, value)
+    c.set_registered_model_alias(name, alias, version)
     return {
         "name": name,
         "version": version,

@@ -88,6 +88,14 @@ def test_champion_is_registered_with_its_lineage(smoke):
     assert run.data.tags["dataset_id"] == smoke["summary"]["dataset_id"]
     assert run.data.tags["config_hash"] and run.data.tags["git_sha"]
     assert run.data.metrics["val_auc"] == pytest.approx(smoke["summary"]["ensemble_val_auc"])
+    # What a reviewer reads in the registry: a description and the lineage as version tags.
+    assert mv.description.startswith("Ensemble of 2 members on dataset " + smoke["summary"]["dataset_id"])
+    assert "Promotion:" in mv.description and "threshold" in mv.description
+    assert mv.tags["dataset_id"] == smoke["summary"]["dataset_id"] and mv.tags["config_hash"]
+    # The Dataset column: every stage's run names its dataset, digested by the dataset id.
+    inputs = run.inputs.dataset_inputs
+    assert [i.dataset.digest for i in inputs] == [smoke["summary"]["dataset_id"]]
+    assert {t.key: t.value for t in inputs[0].tags}["mlflow.data.context"] == "ensemble"
     # Each member's training run logged one val_auc per epoch.
     # (The MLflow server is shared by the session's tests: pick this pipeline's runs by name.)
     names = {t["run_name"] for t in smoke["summary"]["trials"]}
