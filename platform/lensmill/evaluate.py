@@ -121,6 +121,46 @@ def evaluation_metrics(
     return metrics
 
 
+def results_table(
+    labels: np.ndarray, scored: dict[str, tuple[np.ndarray, float]], settings: EvaluateConfig
+) -> list[dict[str, Any]]:
+    """One row per scorer (each member alone, then the ensemble): ``scored`` maps a name to its
+    probabilities (N,) and decision threshold. Accuracy, precision, recall, F1 at that threshold;
+    ROC AUC and TPR10 (threshold-free, the fair comparison) with bootstrap intervals."""
+    rows = []
+    for name, (p, threshold) in scored.items():
+        m = compute_metrics(labels, p, threshold)
+        boot = bootstrap_intervals(
+            labels, p, threshold, n_samples=settings.bootstrap_samples, seed=settings.seed
+        )
+        row: dict[str, Any] = {"name": name, "threshold": float(threshold)}
+        row |= {k: m[k] for k in ("accuracy", "precision", "recall", "f1")}
+        for k in ("roc_auc", "tpr10", "accuracy"):
+            row[f"{k}_ci95"] = [boot[k]["low"], boot[k]["high"]]
+        row |= {"roc_auc": m["roc_auc"], "tpr10": m["tpr10"]}
+        rows.append(row)
+    return rows
+
+
+def results_markdown(rows: list[dict[str, Any]]) -> str:
+    """The results table as Markdown (intervals in brackets when bootstrapped)."""
+
+    def cell(row: dict[str, Any], key: str) -> str:
+        ci = row.get(f"{key}_ci95")
+        text = f"{row[key]:.3f}"
+        return f"{text} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci and ci[0] is not None else text
+
+    keys = ("accuracy", "precision", "recall", "f1", "roc_auc", "tpr10")
+    lines = [
+        "| model | threshold | accuracy | precision | recall | F1 | ROC AUC | TPR10 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['name']} | {r['threshold']:.3f} | " + " | ".join(cell(r, k) for k in keys) + " |" for r in rows
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def _mlflow_scalars(metrics: dict[str, Any]) -> dict[str, float]:
     """The numbers worth a metric in MLflow: top-level scalars and the interval bounds."""
     out = {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
@@ -179,10 +219,26 @@ def evaluate(cfg: Config) -> dict[str, Any]:
                 "accuracy_ci95": metrics["accuracy_ci95"],
                 "files_uri": files_uri,
             }
+            # Each member alone (its own probability, cut at 0.5) next to the ensemble (calibrated,
+            # cut at its operating threshold): the ROC AUC and TPR10 columns compare like with like.
+            scored = {n: (out["member_probs"][:, j], 0.5) for j, n in enumerate(predictor.member_names)}
+            scored["ensemble"] = (out["p_lens"], predictor.threshold)
+            table = results_table(labels, scored, cfg.evaluate)
+            summary["results"] = table
             paths = write_report(Path(tmp) / "evaluation", labels, scores, params, metrics, summary)
+            report_dir = Path(tmp) / "evaluation"
+            (report_dir / "ensemble_metrics.json").write_text(json.dumps(table, indent=2))
+            (report_dir / "ensemble_metrics.md").write_text(results_markdown(table))
+            paths += [report_dir / "ensemble_metrics.json", report_dir / "ensemble_metrics.md"]
             for path in paths:  # to the storage root (local or S3) ...
                 write_bytes(join_uri(files_uri, path.name), path.read_bytes(), cfg.storage)
             # ... and to MLflow.
             tracking.log_metrics(cfg, run_id, _mlflow_scalars(metrics))
             tracking.log_artifacts(cfg, run_id, paths, "evaluation")
-    return {"metrics": metrics, "model": model, "files_uri": files_uri, "mlflow_run_id": run_id}
+    return {
+        "metrics": metrics,
+        "results": table,
+        "model": model,
+        "files_uri": files_uri,
+        "mlflow_run_id": run_id,
+    }

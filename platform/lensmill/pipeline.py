@@ -125,6 +125,7 @@ def run_pipeline(
         },
         "operating_point": ens["operating_point"],
         "test_metrics": ev["metrics"],
+        "test_results": ev["results"],
         "promotion": ens["promotion"],
         "model_uri": ens["model_uri"],
         "model_version": ens["version"],

@@ -66,6 +66,11 @@ def test_pipeline_summary_has_every_stage(smoke):
     op = s["operating_point"]
     assert op["kind"] == "fpr" and op["val_fpr"] <= 0.01 and 0 < op["threshold"] < 1
     assert s["test_metrics"]["threshold"] == pytest.approx(op["threshold"])
+    # The results table: each member alone, then the ensemble, with bootstrap intervals.
+    rows = s["test_results"]
+    assert [r["name"] for r in rows][-1] == "ensemble" and len(rows) == 3
+    assert rows[-1]["roc_auc"] == pytest.approx(s["test_metrics"]["roc_auc"])
+    assert all(r["roc_auc_ci95"][0] <= r["roc_auc"] <= r["roc_auc_ci95"][1] for r in rows)
     for key in ("accuracy", "roc_auc", "precision", "recall", "f1"):
         assert 0.0 <= s["test_metrics"][key] <= 1.0
     assert s["model_uri"] == "models:/lens-ensemble@champion"

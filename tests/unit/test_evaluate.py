@@ -426,3 +426,26 @@ def test_wilson_bounds_hold_the_estimate_and_the_plot_draws_when_every_lens_is_f
     for r in rows:
         assert r["ci_low"] <= r["completeness"] <= r["ci_high"]
     assert plot_completeness(rows, tmp_path / "c.png", "theta").stat().st_size > 0
+
+
+def test_results_table_has_each_member_and_the_ensemble_with_intervals() -> None:
+    from lensmill.config import EvaluateConfig
+    from lensmill.evaluate import results_markdown, results_table
+
+    rng = np.random.default_rng(3)
+    labels = (np.arange(400) % 2).astype(np.int64)
+    weak = np.clip(0.5 + 0.2 * (labels - 0.5) + rng.normal(0, 0.2, 400), 0, 1)
+    strong = np.clip(0.5 + 0.6 * (labels - 0.5) + rng.normal(0, 0.2, 400), 0, 1)
+    scored = {"weak": (weak, 0.5), "strong": (strong, 0.5), "ensemble": ((weak + 3 * strong) / 4, 0.6)}
+    rows = results_table(labels, scored, EvaluateConfig(bootstrap_samples=200))
+    assert [r["name"] for r in rows] == ["weak", "strong", "ensemble"]
+    for r, (p, t) in zip(rows, scored.values(), strict=True):
+        assert r["threshold"] == t
+        assert r["roc_auc"] == pytest.approx(skm.roc_auc_score(labels, p))
+        assert r["f1"] == pytest.approx(skm.f1_score(labels, p >= t))
+        lo, hi = r["roc_auc_ci95"]
+        assert lo <= r["roc_auc"] <= hi and lo < hi
+    assert rows[1]["roc_auc_ci95"][0] > rows[0]["roc_auc_ci95"][1]  # strong clearly above weak
+    md = results_markdown(rows).splitlines()
+    assert md[0].startswith("| model | threshold |") and len(md) == 5
+    assert md[4].startswith("| ensemble | 0.600 | ") and "[" in md[4]
