@@ -11,6 +11,7 @@ summary, and a sweep whose driver dies must find those trials finished when it i
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from lensmill import tracking
@@ -151,7 +152,73 @@ def _search(cfg: Config, parent: str) -> TuneResults:
         mlflow_run_id=parent,
     )
     tracking.log_dict(cfg, parent, out.model_dump(mode="json"), TUNE_FILE)
+    _log_trials_table(cfg, parent, trials)
     return out
+
+
+TRIALS_TABLE_COLUMNS = (
+    "trial",
+    "model",
+    "lr",
+    "epochs_run",
+    "best_epoch",
+    "val_auc",
+    "stopped_early",
+    "stop_reason",
+    "error",
+)
+
+
+def trials_table(trials: tuple[TrialResult, ...] | list[TrialResult]) -> list[dict[str, Any]]:
+    """The sweep's results, one row per trial, best validation AUC first (failed trials last)."""
+    rows = []
+    for t in trials:
+        s = t.summary
+        rows.append(
+            {
+                "trial": t.run_name,
+                "model": t.model,
+                "lr": t.lr,
+                "epochs_run": s.epochs_run if s else None,
+                "best_epoch": s.best_epoch if s else None,
+                "val_auc": s.val_auc if s else None,
+                "stopped_early": s.stopped_early if s else None,
+                "stop_reason": s.stop_reason if s else None,
+                "error": t.error,
+            }
+        )
+    return sorted(rows, key=lambda r: -(r["val_auc"] if r["val_auc"] is not None else -math.inf))
+
+
+def trials_markdown(rows: list[dict[str, Any]]) -> str:
+    def cell(v: Any) -> str:
+        if v is None:
+            return ""
+        return (
+            f"{v:.4f}" if isinstance(v, float) and not isinstance(v, bool) else str(v).replace("|", "/")[:120]
+        )
+
+    head = "| " + " | ".join(TRIALS_TABLE_COLUMNS) + " |"
+    rule = "|" + "---|" * len(TRIALS_TABLE_COLUMNS)
+    body = ["| " + " | ".join(cell(r[c]) for c in TRIALS_TABLE_COLUMNS) + " |" for r in rows]
+    return "\n".join([head, rule, *body]) + "\n"
+
+
+def _log_trials_table(cfg: Config, parent: str, trials: list[TrialResult]) -> None:
+    """The sweep's results table on its parent MLflow run, as CSV and Markdown."""
+    import csv
+    import tempfile
+    from pathlib import Path
+
+    rows = trials_table(trials)
+    with tempfile.TemporaryDirectory() as tmp:
+        csv_path, md_path = Path(tmp) / "tune_results.csv", Path(tmp) / "tune_results.md"
+        with csv_path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=TRIALS_TABLE_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+        md_path.write_text(trials_markdown(rows))
+        tracking.log_artifacts(cfg, parent, [csv_path, md_path])
 
 
 def load_tune_results(cfg: Config) -> TuneResults:

@@ -97,6 +97,14 @@ def test_champion_is_registered_with_its_lineage(smoke):
     assert mv.description.startswith("Ensemble of 2 members on dataset " + smoke["summary"]["dataset_id"])
     assert "Promotion:" in mv.description and "threshold" in mv.description
     assert mv.tags["dataset_id"] == smoke["summary"]["dataset_id"] and mv.tags["config_hash"]
+    # The sweep's parent run holds its results table.
+    tune_runs = c.search_runs([run.info.experiment_id], "tags.`lensmill.stage` = 'tune'")
+    parents = [
+        r for r in tune_runs if {a.path for a in c.list_artifacts(r.info.run_id)} >= {"tune_results.md"}
+    ]
+    assert parents, "no tune run with tune_results.md"
+    table = c.download_artifacts(parents[0].info.run_id, "tune_results.csv")
+    assert Path(table).read_text().splitlines()[0].startswith("trial,model,lr,epochs_run")
     # The Dataset column: every stage's run names its dataset, digested by the dataset id.
     inputs = run.inputs.dataset_inputs
     assert [i.dataset.digest for i in inputs] == [smoke["summary"]["dataset_id"]]

@@ -86,3 +86,16 @@ def test_promotion_needs_a_better_figure_on_the_same_data_or_the_users_word():
     assert decide_promotion(0.5, {"value": None, "version": None, "why": "no champion yet"}, False)[0]
     other = {"value": None, "version": "3", "why": "the champion takes other images: not comparable"}
     assert decide_promotion(0.99, other, promote=False) == (False, other["why"])
+
+
+def test_the_sweeps_results_table_ranks_trials_and_keeps_failed_ones():
+    from lensmill.tune import TRIALS_TABLE_COLUMNS, trials_markdown, trials_table
+
+    failed = trial("c", 0.0, 3, usable=False).model_copy(update={"error": "OOM | killed"})
+    rows = trials_table([trial("a", 0.91, 1), failed, trial("b", 0.97, 2)])
+    assert [r["model"] for r in rows] == ["b", "a", "c"]
+    assert rows[0]["val_auc"] == 0.97 and rows[0]["epochs_run"] == 1 and rows[2]["val_auc"] is None
+    assert set(rows[0]) == set(TRIALS_TABLE_COLUMNS)
+    md = trials_markdown(rows).splitlines()
+    assert md[0] == "| " + " | ".join(TRIALS_TABLE_COLUMNS) + " |" and len(md) == 5
+    assert "OOM / killed" in md[4] and "0.9700" in md[2]
