@@ -110,12 +110,9 @@ def search_weights(member_probs: np.ndarray, labels: np.ndarray, settings: Ensem
         trial_id = f"weights-{i}"
         weights = _weights_of(searcher.suggest(trial_id), m)
         result = _score_weights(member_probs, labels, weights, settings.objective)
-        searcher.on_trial_complete(
-            trial_id,
-            result if np.isfinite(result["objective"]) else None,
-            error=not np.isfinite(result["objective"]),
-        )
-        if np.isfinite(result["objective"]):
+        usable = bool(np.isfinite(result["objective"]))
+        searcher.on_trial_complete(trial_id, result if usable else None, error=not usable)
+        if usable:
             rows.append((result["objective"], -result["log_loss"], weights))
     if not rows:
         raise RuntimeError("the ensemble's weight search produced no usable result")
@@ -282,7 +279,8 @@ def _weigh_and_register(cfg: Config, chosen: list[RunSummary], run_id: str, prom
         p_cal = apply_temperature(p_val, temperature)
         val_ece_cal = expected_calibration_error(labels, p_cal, bins)
         operating = choose_threshold(labels, p_cal, point)
-        info |= {"operating_point": {**point.model_dump(mode="json"), **operating}}
+        operating_point = {**point.model_dump(mode="json"), **operating}
+        info |= {"operating_point": operating_point}
         predictor = EnsemblePredictor(
             members, shape, operating["threshold"], info, temperature=temperature, tta=tta
         )
@@ -356,7 +354,7 @@ def _weigh_and_register(cfg: Config, chosen: list[RunSummary], run_id: str, prom
         "equal_weights_val_objective": search["equal_weights_val_objective"],
         "best_member_val_objective": search["best_member_val_objective"],
         "weight_search_trials": search["trials"],
-        "operating_point": {**point.model_dump(mode="json"), **operating},
+        "operating_point": operating_point,
         "temperature": temperature,
         "val_ece_uncalibrated": val_ece,
         "val_ece": val_ece_cal,
