@@ -104,7 +104,8 @@ def train(config: ConfigPath = None, overrides: Overrides = None) -> None:
 
 @app.command()
 def tune(config: ConfigPath = None, overrides: Overrides = None) -> None:
-    """Ray Tune search over tune.models x tune.lrs; each trial is a Ray Train run."""
+    """Ray Tune over tune.models x tune.lrs, or tune.num_samples trials sampled by Optuna from
+    tune.search_space; each trial is a Ray Train run, stopped early by ASHA."""
     from lensmill.tune import tune_architectures
 
     run_command(config, overrides, tune_architectures)

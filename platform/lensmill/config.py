@@ -169,6 +169,24 @@ Dist = Annotated[
 ]
 
 
+class Choice(_Frozen):
+    """One of ``values``, each equally likely (architectures, batch sizes, on/off switches)."""
+
+    dist: Literal["choice"]
+    values: tuple[str | bool | int | float, ...] = Field(min_length=1)
+
+
+# One setting of a Tune search space: a fixed value, {dist: uniform|loguniform, min, max} or
+# {dist: choice, values: [...]}.
+SearchDist = Annotated[
+    Annotated[str | bool | int | float, Tag("fixed")]
+    | Annotated[Uniform, Tag("uniform")]
+    | Annotated[LogUniform, Tag("loguniform")]
+    | Annotated[Choice, Tag("choice")],
+    Discriminator(_dist_tag),
+]
+
+
 class BandObservation(_Frozen):
     """Observing conditions of one band: what lenstronomy's ``SingleBand`` takes, in our units."""
 
@@ -517,6 +535,10 @@ class TrainConfig(_Frozen):
     # torch intra-op threads per worker; 0 = one per reserved CPU.
     torch_threads: int = Field(0, ge=0)
     augment: bool = True
+    # Share of training images that get a random flip + 90-degree rotation (with augment on).
+    augment_strength: float = Field(1.0, ge=0, le=1)
+    # Binary targets pulled towards 0.5: y * (1 - s) + s / 2.
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
     max_failures: int = Field(1, ge=-1)
     keep_checkpoints: int = Field(2, ge=1)
     seed: int = 0
@@ -528,18 +550,99 @@ class TrainConfig(_Frozen):
     pretrained_uri: str | None = None
 
 
+# The train settings a Tune search space may sample; integer ones take a choice.
+SWEEPABLE = (
+    "model",
+    "lr",
+    "weight_decay",
+    "batch_size",
+    "augment",
+    "augment_strength",
+    "label_smoothing",
+    "epochs",
+    "early_stopping_patience",
+)
+_INTEGER_SETTINGS = ("batch_size", "epochs", "early_stopping_patience")
+
+
 class TuneConfig(_Frozen):
-    """Ray Tune search over architecture x learning rate; each trial is a Ray Train run."""
+    """Ray Tune over training settings; each trial is a Ray Train run, stopped early by ASHA.
+
+    Without ``search_space``: the grid ``models`` x ``lrs``. With it: ``num_samples`` trials sampled by
+    Optuna's TPE from ``search_space`` (train settings to distributions, as in ``sim``: a fixed value,
+    ``{dist: uniform|loguniform, min, max}`` or ``{dist: choice, values}``); a space without ``model``
+    or ``lr`` takes them from ``models`` / ``lrs``.
+    """
 
     models: tuple[str, ...] = ("resnet18", "timm:resnet10t")
     lrs: tuple[float, ...] = (1e-3,)
-    # None: as many as the cluster holds at its largest. Each trial's Train workers are reserved
-    # together (one placement group), so trials queue for whole worker groups and the autoscaler adds
-    # nodes for them up to the cluster's max_workers; a trial never holds half a group.
+    search_space: dict[str, SearchDist] | None = None
+    num_samples: int = Field(8, ge=1)
+    seed: int = 0
+    # None: as many trials at once as the cluster holds (each trial's Train workers are reserved
+    # together, one placement group; a sweep counts the cluster's CPUs and GPUs when it starts, the
+    # grid queues every trial and lets the autoscaler add nodes, up to the cluster's max_workers).
     max_concurrent_trials: int | None = Field(1, ge=1)
-    # ASHA stops weak trials early; grace period in epochs.
+    # ASHA stops weak trials early: after grace_period_epochs, then at each rung keeps the best
+    # 1/reduction_factor.
     grace_period_epochs: int = Field(2, ge=1)
+    reduction_factor: int = Field(2, ge=2)
     metric: Literal["val_auc", "val_loss"] = "val_auc"
+
+    @field_validator("search_space")
+    @classmethod
+    def _sweepable(cls, space: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Each key a sweepable train setting, each value one that setting accepts."""
+        if space is None:
+            return None
+        if not space:
+            raise ValueError("empty; leave it out for the models x lrs grid")
+        for key, dist in space.items():
+            if key not in SWEEPABLE:
+                raise ValueError(f"{key}: not a setting a sweep samples (one of: {', '.join(SWEEPABLE)})")
+            if isinstance(dist, _Interval) and key in _INTEGER_SETTINGS + ("model", "augment"):
+                raise ValueError(f"{key}: takes a fixed value or {{dist: choice, values: [...]}}")
+            if isinstance(dist, Choice):
+                values = dist.values
+            else:
+                values = dist.support if isinstance(dist, _Interval) else (dist,)
+            for v in values:
+                try:
+                    TrainConfig.model_validate({key: v})
+                except ValidationError as exc:
+                    raise ValueError(f"{key}: {exc.errors()[0]['msg']} (got {v!r})") from None
+        return space
+
+    @model_validator(mode="after")
+    def _samples_something(self) -> TuneConfig:
+        if self.search_space is not None and not any(isinstance(v, BaseModel) for v in self.space().values()):
+            raise ValueError(
+                "search_space: every setting is fixed: give one a distribution (e.g. lr: "
+                "{dist: loguniform, min: 1e-4, max: 1e-2}) or list several tune.models"
+            )
+        return self
+
+    def space(self) -> dict[str, Any]:
+        """The search space with ``model`` and ``lr`` filled in from ``models`` / ``lrs``."""
+        if self.search_space is None:
+            return {}
+        grid = {
+            k: values[0] if len(values) == 1 else Choice(dist="choice", values=values)
+            for k, values in (("model", self.models), ("lr", self.lrs))
+        }
+        return grid | self.search_space
+
+    @property
+    def architectures(self) -> tuple[str, ...]:
+        """Every architecture a trial may train."""
+        if self.search_space is None:
+            return self.models
+        m = self.space()["model"]
+        return tuple(str(v) for v in m.values) if isinstance(m, Choice) else (str(m),)
+
+    @property
+    def trial_count(self) -> int:
+        return len(self.models) * len(self.lrs) if self.search_space is None else self.num_samples
 
 
 class OperatingPoint(_Frozen):

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from lensmill.config import Config
+from lensmill.config import Choice, Config
 from lensmill.errors import ConfigError
 
 log = logging.getLogger("lensmill")
@@ -407,10 +407,30 @@ def _cache_fits(cfg: Config) -> bool:
     return rows * image_bytes <= TRAIN_CACHE_MAX_BYTES
 
 
+def _trial_models(cfg: Config, tp: Throughputs) -> list[str]:
+    """The architecture of every trial: the grid's, or for a sweep (whose samples are not known in
+    advance) ``num_samples`` times its costliest architecture."""
+    t = cfg.tune
+    if t.search_space is None:
+        return [m for m in t.models for _ in t.lrs]
+    costliest = max(t.architectures, key=lambda m: _model_cost(m, cfg.sim.image_size_px, tp)[0])
+    return [costliest] * t.num_samples
+
+
+def _trial_epochs(cfg: Config) -> int:
+    """Epochs of a trial: ``train.epochs``, or the most a sweep samples."""
+    space = cfg.tune.space().get("epochs")
+    if space is None:
+        return cfg.train.epochs
+    return int(max(space.values)) if isinstance(space, Choice) else int(space)
+
+
 def estimate_train(cfg: Config, cluster: Cluster, prices: PriceTable, tp: Throughputs) -> StageEstimate:
-    """Every trial of the tune grid (tune.models x tune.lrs) for all epochs on n_train images."""
+    """Every trial of the tune grid (tune.models x tune.lrs) or sweep (tune.num_samples) for all
+    epochs on n_train images."""
     t, sim = cfg.train, cfg.sim
-    trials = [(m, lr) for m in cfg.tune.models for lr in cfg.tune.lrs]
+    trials = _trial_models(cfg, tp)
+    epochs = _trial_epochs(cfg)
     figures: dict[str, Figure] = {}
     notes: list[str] = []
     if t.use_gpu:
@@ -453,10 +473,10 @@ def estimate_train(cfg: Config, cluster: Cluster, prices: PriceTable, tp: Throug
             worker_rate *= tp.train.streaming_factor_cpu.value
     figures["validation_cost"] = tp.train.validation_cost
     trial_hours = []
-    for model, _ in trials:
+    for model in trials:
         rel, figure = _model_cost(model, sim.image_size_px, tp)
         figures[f"model_cost:{model}"] = figure
-        images = t.epochs * (sim.n_train + sim.n_val * tp.train.validation_cost.value)
+        images = epochs * (sim.n_train + sim.n_val * tp.train.validation_cost.value)
         trial_hours.append(images / (worker_rate / rel * t.num_workers) / 3600)
     wall_h = max(sum(trial_hours) / concurrent, max(trial_hours))
     notes += [
@@ -465,11 +485,9 @@ def estimate_train(cfg: Config, cluster: Cluster, prices: PriceTable, tp: Throug
         "upper bound: every trial runs every epoch (ASHA stops weak trials after "
         f"tune.grace_period_epochs={cfg.tune.grace_period_epochs})",
     ]
-    work = (
-        f"{len(trials)} trials x {t.epochs} epochs x {sim.n_train:,} images (+ validation on {sim.n_val:,})"
-    )
+    work = f"{len(trials)} trials x {epochs} epochs x {sim.n_train:,} images (+ validation on {sim.n_val:,})"
     return _stage(
-        "train", len(trials) * t.epochs * sim.n_train, work, pool, concurrent * nodes_per_trial,
+        "train", len(trials) * epochs * sim.n_train, work, pool, concurrent * nodes_per_trial,
         sum(trial_hours) * nodes_per_trial, wall_h, cluster, prices, tp, figures, notes,
     )  # fmt: skip
 
@@ -481,7 +499,7 @@ def estimate_score(
     sc, sim = cfg.scoring, cfg.sim
     n = images if images is not None else sim.n_test
     members = sorted(
-        (_model_cost(m, sim.image_size_px, tp) + (m,) for m in dict.fromkeys(cfg.tune.models)),
+        (_model_cost(m, sim.image_size_px, tp) + (m,) for m in dict.fromkeys(cfg.tune.architectures)),
         key=lambda x: x[0],
         reverse=True,
     )[: cfg.ensemble.max_members]
@@ -516,7 +534,7 @@ def estimate_score(
     notes = [
         f"{actors} actors on {nodes} node(s); ensemble of {len(members)} member(s) "
         f"({', '.join(m for _, _, m in members)}): {ensemble_cost:.3g} x one ResNet-18 "
-        "(upper bound: the costliest ensemble.max_members of tune.models)",
+        "(upper bound: the costliest ensemble.max_members of the tune architectures)",
     ]
     if images is not None:
         notes.append("catalog scoring: reading the cutouts from storage is assumed not to be the bottleneck")

@@ -6,6 +6,7 @@
         run_info.json  attempts.json  lensmill_result.json  (the run's summary, once finished)
         epoch-0003/model.pt state.pt metrics.json          a checkpoint
     {root}/runs/{name}-tune/tune_results.json              the tune stage's trials
+    {root}/runs/{name}-tune/trials-{hash8}/{run_name}.json  a sweep's proposed trials (resume)
     {root}/runs/{name}-tune-{hash8}/                       Ray Tune's own experiment folder
     {root}/runs/{name}-ensemble/ensemble_result.json       the ensemble stage's result
     {root}/runs/{name}-evaluate/                           metrics.json, plots, detailed_predictions.csv
@@ -99,6 +100,11 @@ def stage_uri(cfg: Config, stage: str) -> str:
 def tune_experiment_name(cfg: Config) -> str:
     """Ray Tune's experiment folder under :func:`runs_uri` (one per config)."""
     return f"{stage_run_name(cfg, 'tune')}-{cfg.hash()[:8]}"
+
+
+def sweep_trials_uri(cfg: Config) -> str:
+    """The trials a sweep's search algorithm proposed (one record each), per config."""
+    return join_uri(stage_uri(cfg, "tune"), f"trials-{cfg.hash()[:8]}")
 
 
 def tune_results_uri(cfg: Config) -> str:

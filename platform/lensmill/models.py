@@ -4,8 +4,10 @@ Names: the torchvision ResNets (``resnet18``, ``resnet34``), the same with a sma
 (``resnet18_small_stem``, ``resnet34_small_stem``: a 3x3 stride-1 first conv and no max-pool, as
 CIFAR-style ResNets have, so a 64x64 cutout reaches the first block at full resolution instead of
 16x16 and 1-2 px arcs are not blurred away), torchvision's ViT-B/16 (``vit_b_16``,
-which resizes its input to 224x224 itself), ``tiny`` (a small CNN for fast tests), and any timm model
-as ``timm:<name>`` (e.g. ``timm:resnet10t``). Every model takes any number of bands (``in_chans``).
+which resizes its input to 224x224 itself), ``vit_cutout_tiny`` (a small ViT for cutouts: 8-pixel
+patches of a 64x64 image, width 192, depth 6; other sizes by interpolated position embeddings),
+``tiny`` (a small CNN for fast tests), and any timm model as ``timm:<name>`` (e.g.
+``timm:resnet10t``). Every model takes any number of bands (``in_chans``).
 Weights are never fetched from a hub: ``load_pretrained`` reads a state_dict from a local path or a
 storage URI (``s3://`` through ``lensmill.storage``).
 
@@ -32,6 +34,7 @@ if TYPE_CHECKING:
 _TORCHVISION = ("resnet18", "resnet34")
 _SMALL_STEM = "_small_stem"
 _VIT = ("vit_b_16",)
+_CUTOUT_VIT = "vit_cutout_tiny"
 # torchvision's ViT-B/16 has a fixed 14x14 grid of 16-pixel patches.
 VIT_IMAGE_SIZE = 224
 # Prefixes a saved state_dict may carry around the backbone's own keys (DDP, LensClassifier).
@@ -112,10 +115,45 @@ def _timm_model(name: str, in_chans: int, num_classes: int) -> nn.Module:
         raise ModelError(f"unknown timm model {name!r}: {exc}") from exc
 
 
+def _cutout_vit(in_chans: int, num_classes: int) -> nn.Module:
+    """timm's VisionTransformer sized for survey cutouts (5.4 M parameters): a 64x64 image is an 8x8
+    grid of 8-pixel patches; ``dynamic_img_size`` interpolates the position embeddings for others."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(
+        img_size=64,
+        patch_size=8,
+        in_chans=in_chans,
+        num_classes=num_classes,
+        embed_dim=192,
+        depth=6,
+        num_heads=3,
+        dynamic_img_size=True,
+    )
+
+
 def list_models(pattern: str = "") -> list[str]:
     """Registered names; any timm model is also accepted as ``timm:<name>`` (see ``timm.list_models``)."""
-    names = ["tiny", *_TORCHVISION, *(n + _SMALL_STEM for n in _TORCHVISION), *_VIT, "timm:<any timm model>"]
+    names = [
+        "tiny",
+        *_TORCHVISION,
+        *(n + _SMALL_STEM for n in _TORCHVISION),
+        *_VIT,
+        _CUTOUT_VIT,
+        "timm:<any timm model>",
+    ]
     return [n for n in names if pattern in n]
+
+
+def check_model_name(name: str) -> None:
+    """``ModelError`` naming the choices unless ``name`` is a registered model (builds nothing)."""
+    if name.startswith("timm:"):
+        import timm
+
+        if not timm.is_model(name.removeprefix("timm:")):
+            raise ModelError(f"unknown timm model {name.removeprefix('timm:')!r} (see timm.list_models())")
+    elif name not in list_models() or name.startswith("timm:<"):
+        raise ModelError(f"unknown model {name!r}; choose one of {list_models()}")
 
 
 def create_model(
@@ -137,13 +175,13 @@ def create_model(
             for n in _TORCHVISION
         },
         **{n: (lambda n=n: _torchvision_vit(n, in_chans, num_classes)) for n in _VIT},
+        _CUTOUT_VIT: lambda: _cutout_vit(in_chans, num_classes),
     }
+    check_model_name(name)
     if name.startswith("timm:"):
         model = _timm_model(name.removeprefix("timm:"), in_chans, num_classes)
-    elif name in builders:
-        model = builders[name]()
     else:
-        raise ModelError(f"unknown model {name!r}; choose one of {list_models()}")
+        model = builders[name]()
     if pretrained_path is not None:
         load_pretrained(model, pretrained_path, storage)
     return model

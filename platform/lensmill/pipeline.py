@@ -31,7 +31,7 @@ LARGE_RUN_IMAGES = 1_000_000
 
 def log_cost_estimate(cfg: Config) -> None:
     """Log ``lensmill cost``'s table for a large run; a run is never stopped for want of an estimate."""
-    sim, grid = cfg.sim, len(cfg.tune.models) * len(cfg.tune.lrs)
+    sim, grid = cfg.sim, cfg.tune.trial_count
     if sim.n_train + sim.n_val + sim.n_test + grid * cfg.train.epochs * sim.n_train < LARGE_RUN_IMAGES:
         return
     try:
@@ -67,6 +67,7 @@ def query_endpoint(url: str, images: np.ndarray, labels: np.ndarray) -> list[dic
 def describe_trial(trial: TrialResult) -> dict[str, Any]:
     """What the pipeline's summary tells of one tune trial."""
     out: dict[str, Any] = {"model": trial.model, "lr": trial.lr, "run_name": trial.run_name}
+    out |= {k: v for k, v in trial.params.items() if k not in out}
     if trial.summary is not None:
         s = trial.summary
         out |= {"val_auc": s.val_auc, "epochs_run": s.epochs_run, "stopped_early": s.stopped_early}

@@ -187,3 +187,55 @@ def plot_completeness(
     ax.set_title(title or f"Completeness{at} (grey: lenses per bin)")
     ax.grid(alpha=0.3)
     return _save(fig, path)
+
+
+def plot_parallel_coordinates(rows: list[dict[str, Any]], params: list[str], metric: str, path: Path) -> Path:
+    """A sweep as parallel coordinates: one line per trial through its settings (``params``, each
+    axis scaled to its own range; names as categories, learning rates in log) to ``metric``,
+    coloured by ``metric``. Trials without the metric are drawn grey and dashed."""
+    from matplotlib import colormaps
+
+    axes = [*params, metric]
+    columns: list[tuple[np.ndarray, list[str]]] = []  # per axis: positions in [0, 1], tick labels
+    for name in axes:
+        raw = [r.get(name) for r in rows]
+        numeric = [v for v in raw if isinstance(v, int | float) and not isinstance(v, bool) and v == v]
+        if len(numeric) == sum(v is not None for v in raw) and numeric:
+            vals = np.array([np.nan if v is None else float(v) for v in raw])
+            log = name in ("lr", "weight_decay") and min(numeric) > 0 and max(numeric) > 10 * min(numeric)
+            x = np.log10(vals) if log else vals
+            lo, hi = np.nanmin(x), np.nanmax(x)
+            pos = (x - lo) / (hi - lo) if hi > lo else np.full_like(x, 0.5)
+            ticks = [f"{min(numeric):.3g}", f"{max(numeric):.3g}"] + (["(log)"] if log else [])
+        else:
+            cats = sorted({str(v) for v in raw if v is not None})
+            index = {c: i for i, c in enumerate(cats)}
+            pos = np.array([np.nan if v is None else index[str(v)] / max(len(cats) - 1, 1) for v in raw])
+            pos = np.where(np.isnan(pos), np.nan, pos if len(cats) > 1 else 0.5)
+            ticks = cats
+        columns.append((pos, ticks))
+
+    fig = _new_figure(1.9 * len(axes) + 1.5, 4.5)
+    ax = fig.add_subplot()
+    scores = np.array([r.get(metric) if r.get(metric) is not None else np.nan for r in rows], dtype=float)
+    finite = scores[np.isfinite(scores)]
+    lo, hi = (finite.min(), finite.max()) if finite.size else (0.0, 1.0)
+    cmap = colormaps["viridis"]
+    xs = np.arange(len(axes))
+    for i in range(len(rows)):
+        ys = np.array([c[0][i] for c in columns])
+        if np.isfinite(scores[i]):
+            colour = cmap((scores[i] - lo) / (hi - lo) if hi > lo else 1.0)
+            ax.plot(xs, ys, "-o", color=colour, lw=1.6, ms=3, alpha=0.85)
+        else:
+            ax.plot(xs, ys, "--", color="grey", lw=1, alpha=0.6)
+    for x, (_, ticks) in zip(xs, columns, strict=True):
+        ax.axvline(x, color="black", lw=0.8)
+        label = "\n".join(ticks) if len(ticks) <= 4 else f"{ticks[0]}\n…\n{ticks[-1]}"
+        ax.annotate(label, (x, 1.02), ha="center", va="bottom", fontsize=7, annotation_clip=False)
+    ax.set_xticks(xs, axes, fontsize=9)
+    ax.set_yticks([])
+    ax.set_ylim(-0.05, 1.05)
+    title = f"Sweep: {len(rows)} trials, coloured by {metric} ({lo:.3f} to {hi:.3f})"
+    ax.set_title(title, fontsize=10, pad=38)
+    return _save(fig, path)

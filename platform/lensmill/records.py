@@ -8,6 +8,8 @@ Each record has one writer and one reader:
 - ``RunSummary`` (``lensmill_result.json``): ``train.summarize_run`` / ``train.read_summary``.
 - ``TuneResults`` of ``TrialResult`` (``tune_results.json``): ``tune.tune_architectures`` /
   ``tune.load_tune_results``.
+- ``SweepTrial`` (``{name}-tune/trials-{key}/{run_name}.json``, one per sampled trial): the sweep's
+  callback as Tune starts the trial / ``tune.recorded_trials`` when a sweep resumes.
 - ``EnsembleManifest`` (``ensemble.json``): ``EnsemblePredictor.save`` / ``EnsemblePredictor.load``.
 
 ``write_record`` / ``read_record`` are the only JSON I/O for them: a file that does not parse or does
@@ -178,17 +180,32 @@ class RunSummary(RunInfo):
     member_file: str  # the weights inside it
     history: tuple[dict[str, Any], ...]  # one entry per epoch (train.train_fn_per_worker's metrics)
 
+    def at_best_epoch(self, key: str) -> float:
+        """A metric of the best epoch (NaN when the history does not hold it)."""
+        row = next((h for h in self.history if h.get("epoch") == self.best_epoch), {})
+        value = row.get(key)
+        return math.nan if value is None else float(value)
+
 
 # -- tuning -------------------------------------------------------------------------------------
 
 
+class SweepTrial(_Record):
+    """A trial a sweep's search algorithm proposed: its run name and the train settings it samples."""
+
+    run_name: str
+    params: dict[str, str | bool | int | float]
+
+
 class TrialResult(_Record):
-    """One (architecture, learning rate) of the search; ``summary`` is None for a trial that failed
-    before its first checkpoint (then ``error`` says why)."""
+    """One trial of the search; ``summary`` is None for a trial that failed before its first
+    checkpoint (then ``error`` says why). ``params``: the train settings the trial set (the grid's
+    model and lr, or a sweep's sampled ones)."""
 
     model: str
     lr: float
     run_name: str
+    params: dict[str, str | bool | int | float] = Field(default_factory=dict)
     summary: RunSummary | None = None
     error: str | None = None
 

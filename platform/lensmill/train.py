@@ -33,7 +33,7 @@ import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from lensmill import tracking
-from lensmill.config import Config, StorageConfig
+from lensmill.config import Config, StorageConfig, TrainConfig
 from lensmill.layout import (
     ATTEMPTS_FILE,
     CHECKPOINT_PREFIX,
@@ -47,6 +47,7 @@ from lensmill.layout import (
     run_uri_for,
     runs_uri,
 )
+from lensmill.metrics import tpr_at_max_fp
 from lensmill.models import LensClassifier, load_pretrained, save_classifier
 from lensmill.records import DatasetManifest, RunInfo, RunSummary, read_record, write_record
 from lensmill.shards import dataset_uri_for, decode_images, read_manifest, read_shards
@@ -133,11 +134,18 @@ class ShardBatches:
             self.labels = torch.cat([y for _, y in kept])
 
 
-def dihedral_augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random flip + 90-degree rotation per image: lensing is invariant to the dihedral group D4."""
+def dihedral_augment(x: torch.Tensor, generator: torch.Generator, strength: float = 1.0) -> torch.Tensor:
+    """Random flip + 90-degree rotation per image: lensing is invariant to the dihedral group D4.
+
+    ``strength``: the share of images transformed (the rest keep their orientation); at 1 every image
+    gets a uniformly drawn element of D4 (identity included).
+    """
     n = x.shape[0]
     k = torch.randint(0, 4, (n,), generator=generator)
     flip = torch.randint(0, 2, (n,), generator=generator).bool()
+    if strength < 1.0:
+        keep = torch.rand(n, generator=generator) >= strength
+        k, flip = k.masked_fill(keep, 0), flip & ~keep
     x = torch.where(flip.view(-1, 1, 1, 1).to(x.device), x.flip(-1), x)
     out = x.clone()
     for r in range(1, 4):
@@ -154,15 +162,20 @@ def train_step(
     y: torch.Tensor,
     device: torch.device,
     generator: torch.Generator | None,
+    augment_strength: float = 1.0,
+    label_smoothing: float = 0.0,
 ) -> float:
     """One optimizer step on a batch: (B, C, H, W) images, (B,) labels; the batch's mean loss.
 
-    ``generator``: dihedral augmentation with it (None = none). bf16 autocast on CUDA; the loss and
-    its gradient in float32. Reading the loss back is a device sync on GPU, paid once per step.
+    ``generator``: dihedral augmentation with it (None = none) of ``augment_strength`` of the images.
+    ``label_smoothing``: targets y * (1 - s) + s / 2. bf16 autocast on CUDA; the loss and its gradient
+    in float32. Reading the loss back is a device sync on GPU, paid once per step.
     """
-    if generator is not None:
-        x = dihedral_augment(x, generator)
+    if generator is not None and augment_strength > 0:
+        x = dihedral_augment(x, generator, augment_strength)
     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    if label_smoothing:
+        y = y * (1.0 - label_smoothing) + 0.5 * label_smoothing
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         logits = model(x)
     loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), y)
@@ -200,7 +213,13 @@ def _validate(model: torch.nn.Module, data: ShardBatches, device: torch.device) 
     y = _gather(np.concatenate(labels) if labels else np.zeros(0, np.float32))
     eps = 1e-7
     loss = float(-np.mean(y * np.log(p + eps) + (1 - y) * np.log(1 - p + eps))) if len(y) else float("nan")
-    return {"val_auc": _roc_auc(y, p), "val_loss": loss, "val_accuracy": float(np.mean((p >= 0.5) == y))}
+    return {
+        "val_auc": _roc_auc(y, p),
+        "val_loss": loss,
+        "val_accuracy": float(np.mean((p >= 0.5) == y)),
+        # Lenses found before the tenth false positive: what a survey search lives on.
+        "val_tpr10": tpr_at_max_fp(y, p, 9) if len(np.unique(y)) == 2 else float("nan"),
+    }
 
 
 def should_stop_early(history: list[dict[str, Any]], patience: int | None) -> bool:
@@ -358,6 +377,7 @@ def _train_epoch(
     device: torch.device,
     generator: torch.Generator | None,
     world: int,
+    t: TrainConfig,
 ) -> dict[str, Any]:
     """One pass over this rank's training shard; the epoch's loss and throughput (all ranks)."""
     model.train()
@@ -368,7 +388,7 @@ def _train_epoch(
             # BatchNorm cannot train on one image; ranks hold equal row counts (Ray Train splits
             # datasets with equal=True), so every rank skips the same step.
             continue
-        loss = train_step(model, optimizer, x, y, device, generator)
+        loss = train_step(model, optimizer, x, y, device, generator, t.augment_strength, t.label_smoothing)
         seen += len(y)
         loss_sum += loss * len(y)
     train_s = time.perf_counter() - t0
@@ -459,7 +479,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             "epoch": epoch,
             "attempt": attempt["attempt"],
             "resumed_from_epoch": resumed.from_epoch,
-            **_train_epoch(model, optimizer, train_data, epoch, device, generator, world),
+            **_train_epoch(model, optimizer, train_data, epoch, device, generator, world, t),
         }
         scheduler.step()
         metrics |= {"lr": scheduler.get_last_lr()[0], **_validate(model, val_data, device)}

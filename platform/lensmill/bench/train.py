@@ -90,7 +90,10 @@ def run_baseline(
                 idx = order[s : s + t.batch_size]
                 if len(idx) < 2:  # as the platform: BatchNorm cannot train on one image
                     continue
-                train_step(model, optimizer, x_all[idx], y_all[idx], device, generator if t.augment else None)
+                g = generator if t.augment else None
+                train_step(
+                    model, optimizer, x_all[idx], y_all[idx], device, g, t.augment_strength, t.label_smoothing
+                )
                 seen += len(idx)
             scheduler.step()
             out.append({"epoch": epoch, "images": seen, "seconds": time.perf_counter() - t0})
