@@ -191,38 +191,42 @@ def plot_completeness(
 
 def plot_parallel_coordinates(rows: list[dict[str, Any]], params: list[str], metric: str, path: Path) -> Path:
     """A sweep as parallel coordinates: one line per trial through its settings (``params``, each
-    axis scaled to its own range; names as categories, learning rates in log) to ``metric``,
-    coloured by ``metric``. Trials without the metric are drawn grey and dashed."""
+    axis scaled to its own range; names and switches as categories, learning rates and weight decays
+    in log) to ``metric``, coloured by ``metric``. Trials without the metric are grey and dashed."""
     from matplotlib import colormaps
 
     axes = [*params, metric]
-    columns: list[tuple[np.ndarray, list[str]]] = []  # per axis: positions in [0, 1], tick labels
+    columns: list[tuple[np.ndarray, list[tuple[float, str]]]] = []  # per axis: positions, tick labels
+    names = []
     for name in axes:
         raw = [r.get(name) for r in rows]
-        numeric = [v for v in raw if isinstance(v, int | float) and not isinstance(v, bool) and v == v]
-        if len(numeric) == sum(v is not None for v in raw) and numeric:
+        given = [v for v in raw if v is not None]
+        if given and all(isinstance(v, int | float) and not isinstance(v, bool) for v in given):
             vals = np.array([np.nan if v is None else float(v) for v in raw])
-            log = name in ("lr", "weight_decay") and min(numeric) > 0 and max(numeric) > 10 * min(numeric)
+            lo_v, hi_v = float(np.nanmin(vals)), float(np.nanmax(vals))
+            log = name in ("lr", "weight_decay") and lo_v > 0 and hi_v > 3 * lo_v
             x = np.log10(vals) if log else vals
-            lo, hi = np.nanmin(x), np.nanmax(x)
-            pos = (x - lo) / (hi - lo) if hi > lo else np.full_like(x, 0.5)
-            ticks = [f"{min(numeric):.3g}", f"{max(numeric):.3g}"] + (["(log)"] if log else [])
+            lo, hi = float(np.nanmin(x)), float(np.nanmax(x))
+            pos = (x - lo) / (hi - lo) if hi > lo else np.where(np.isnan(x), np.nan, 0.5)
+            ticks = [(0.0, f"{lo_v:.3g}"), (1.0, f"{hi_v:.3g}")] if hi > lo else [(0.5, f"{lo_v:.3g}")]
+            names.append(f"{name} (log)" if log else name)
         else:
-            cats = sorted({str(v) for v in raw if v is not None})
-            index = {c: i for i, c in enumerate(cats)}
-            pos = np.array([np.nan if v is None else index[str(v)] / max(len(cats) - 1, 1) for v in raw])
-            pos = np.where(np.isnan(pos), np.nan, pos if len(cats) > 1 else 0.5)
-            ticks = cats
+            cats = sorted({str(v) for v in given})
+            spot = {c: (i / (len(cats) - 1) if len(cats) > 1 else 0.5) for i, c in enumerate(cats)}
+            pos = np.array([np.nan if v is None else spot[str(v)] for v in raw])
+            ticks = [(y, c) for c, y in spot.items()]
+            names.append(name)
         columns.append((pos, ticks))
 
     fig = _new_figure(1.9 * len(axes) + 1.5, 4.5)
     ax = fig.add_subplot()
-    scores = np.array([r.get(metric) if r.get(metric) is not None else np.nan for r in rows], dtype=float)
+    scores = np.array([np.nan if r.get(metric) is None else r[metric] for r in rows], dtype=float)
     finite = scores[np.isfinite(scores)]
-    lo, hi = (finite.min(), finite.max()) if finite.size else (0.0, 1.0)
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
     cmap = colormaps["viridis"]
     xs = np.arange(len(axes))
-    for i in range(len(rows)):
+    # Best trials drawn last, on top.
+    for i in np.argsort(np.nan_to_num(scores, nan=-np.inf)):
         ys = np.array([c[0][i] for c in columns])
         if np.isfinite(scores[i]):
             colour = cmap((scores[i] - lo) / (hi - lo) if hi > lo else 1.0)
@@ -231,11 +235,11 @@ def plot_parallel_coordinates(rows: list[dict[str, Any]], params: list[str], met
             ax.plot(xs, ys, "--", color="grey", lw=1, alpha=0.6)
     for x, (_, ticks) in zip(xs, columns, strict=True):
         ax.axvline(x, color="black", lw=0.8)
-        label = "\n".join(ticks) if len(ticks) <= 4 else f"{ticks[0]}\n…\n{ticks[-1]}"
-        ax.annotate(label, (x, 1.02), ha="center", va="bottom", fontsize=7, annotation_clip=False)
-    ax.set_xticks(xs, axes, fontsize=9)
+        for y, label in ticks[:12]:
+            ax.annotate(label, (x, y), xytext=(4, 0), textcoords="offset points", fontsize=7, va="center")
+    ax.set_xticks(xs, names, fontsize=9)
     ax.set_yticks([])
     ax.set_ylim(-0.05, 1.05)
-    title = f"Sweep: {len(rows)} trials, coloured by {metric} ({lo:.3f} to {hi:.3f})"
-    ax.set_title(title, fontsize=10, pad=38)
+    ax.set_xlim(-0.2, len(axes) - 0.5)
+    ax.set_title(f"Sweep: {len(rows)} trials, coloured by {metric} ({lo:.3f} to {hi:.3f})", fontsize=10)
     return _save(fig, path)

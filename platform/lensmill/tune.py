@@ -246,35 +246,43 @@ def _run_grid(cfg: Config, parent: str) -> tuple[list[dict[str, Any]], dict[str,
     return grid, _errors(tuner.fit())
 
 
+def make_searcher(
+    t: TuneConfig, finished: list[tuple[dict[str, Any], float]], pending: list[dict[str, Any]]
+) -> Any:
+    """Optuna's TPE over the sweep's space, told the ``(settings, value)`` of trials finished before
+    (NaN: failed) and proposing the ``pending`` settings first."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    searcher = OptunaSearch(
+        space=OptunaSearch.convert_search_space(search_domains(t)),
+        metric=t.metric,
+        mode="max" if t.metric == "val_auc" else "min",
+        # A resubmitted sweep draws other random start-up points than the one it continues.
+        seed=t.seed + len(finished) + len(pending),
+        points_to_evaluate=[dict(p) for p in pending] or None,
+    )
+    for params, value in finished:
+        searcher.add_evaluated_point(dict(params), value, error=math.isnan(value))
+    return searcher
+
+
 def _run_sweep(cfg: Config, parent: str) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """The sweep's trials: Optuna's TPE proposes ``num_samples`` settings, told first of the trials
     this config finished before; proposed trials left unfinished are run again first."""
     import ray
     from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
 
     t, base = cfg.tune, sweep_base(cfg)
     recorded = recorded_trials(base)
     summaries = {r.run_name: read_summary(base, r.run_name) for r in recorded}
-    finished = [r for r in recorded if summaries[r.run_name] is not None]
+    finished = [(r.params, _objective(cfg, s)) for r in recorded if (s := summaries[r.run_name]) is not None]
     left = max(t.num_samples - len(finished), 0)
-    pending = [r for r in recorded if summaries[r.run_name] is None][:left]
+    pending = [r.params for r in recorded if summaries[r.run_name] is None][:left]
     errors: dict[str, str] = {}
     if left > 0:
-        searcher = OptunaSearch(
-            space=search_domains(t),
-            metric=t.metric,
-            mode="max" if t.metric == "val_auc" else "min",
-            # A resubmitted sweep draws other random start-up points than the one it continues.
-            seed=t.seed + len(recorded),
-            points_to_evaluate=[dict(r.params) for r in pending] or None,
-        )
-        for r in finished:
-            value = _objective(cfg, summaries[r.run_name])
-            searcher.add_evaluated_point(dict(r.params), value, error=math.isnan(value))
         at_once = trial_concurrency(base, ray.cluster_resources())
         log.info(
-            "sweep: %d finished before, %d to resume, %d to sample; %d at once",
+            "sweep: %d trials finished before, %d to resume, %d to sample; %d at once",
             len(finished), len(pending), left - len(pending), at_once,
         )  # fmt: skip
         tuner = _tuner(
@@ -282,7 +290,7 @@ def _run_sweep(cfg: Config, parent: str) -> tuple[list[dict[str, Any]], dict[str
             base,
             parent,
             sweep=True,
-            search_alg=ConcurrencyLimiter(searcher, max_concurrent=at_once),
+            search_alg=ConcurrencyLimiter(make_searcher(t, finished, pending), max_concurrent=at_once),
             num_samples=left,
             max_concurrent_trials=at_once,
         )
