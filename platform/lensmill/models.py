@@ -116,7 +116,7 @@ def _timm_model(name: str, in_chans: int, num_classes: int) -> nn.Module:
 
 
 def _cutout_vit(in_chans: int, num_classes: int) -> nn.Module:
-    """timm's VisionTransformer sized for survey cutouts (5.4 M parameters): a 64x64 image is an 8x8
+    """timm's VisionTransformer sized for survey cutouts (2.7 M parameters): a 64x64 image is an 8x8
     grid of 8-pixel patches; ``dynamic_img_size`` interpolates the position embeddings for others."""
     from timm.models.vision_transformer import VisionTransformer
 

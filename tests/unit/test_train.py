@@ -26,7 +26,8 @@ def test_dihedral_augment_only_permutes_pixels_within_each_image():
 
 @pytest.mark.parametrize("in_chans", [1, 3])
 @pytest.mark.parametrize(
-    "name", ["tiny", "resnet18", "resnet34", "resnet18_small_stem", "vit_b_16", "timm:resnet10t"]
+    "name",
+    ["tiny", "resnet18", "resnet34", "resnet18_small_stem", "vit_b_16", "vit_cutout_tiny", "timm:resnet10t"],
 )
 def test_every_registered_model_runs_forward_and_backward(name: str, in_chans: int):
     assert name in list_models() or name.startswith("timm:")
@@ -36,6 +37,13 @@ def test_every_registered_model_runs_forward_and_backward(name: str, in_chans: i
     out.sum().backward()
     assert out.shape == (2, 1)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
+
+
+def test_the_cutout_vit_takes_other_cutout_sizes_by_interpolating_its_position_embeddings():
+    m = create_model("vit_cutout_tiny", in_chans=2).eval()
+    with torch.inference_mode():
+        assert m(torch.randn(3, 2, 32, 32)).shape == (3, 1) and m(torch.randn(1, 2, 96, 96)).shape == (1, 1)
+    assert m.patch_embed.grid_size == (8, 8) and 2e6 < sum(p.numel() for p in m.parameters()) < 4e6
 
 
 def test_small_stem_keeps_the_cutouts_resolution_into_the_first_block():
