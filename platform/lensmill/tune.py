@@ -150,7 +150,7 @@ def summarize_stopped_trial(cfg: Config, run_name: str) -> RunSummary:
         return summarize_run(cfg, run_name, stopped_early=True)
 
 
-def _summary_callback(cfg: Config, sweep: bool) -> Any:
+def _summary_callback(cfg: Config, sweep: bool = False) -> Any:
     """A Tune callback (driver side) that records each sweep trial as it starts and writes each
     ended trial's summary at once. ``cfg``: the config trials start from."""
     from ray.tune import Callback
