@@ -18,6 +18,7 @@ import logging
 import math
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel
 
 from lensmill import tracking
@@ -246,11 +247,34 @@ def _run_grid(cfg: Config, parent: str) -> tuple[list[dict[str, Any]], dict[str,
     return grid, _errors(tuner.fit())
 
 
+def cover_architectures(
+    t: TuneConfig, finished: list[tuple[dict[str, Any], float]], pending: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """First points for the architectures of a sampled ``model`` no trial has tried yet, when ``num_samples`` has room for all of them: TPE starts with
+    random points, and six random draws over three architectures miss one a third of the time."""
+    dist = t.space().get("model")
+    if not isinstance(dist, Choice) or len(dist.values) > t.num_samples:
+        return []
+    tried = {p.get("model") for p, _ in finished} | {p.get("model") for p in pending}
+    others = {k: d for k, d in search_domains(t).items() if k != "model"}
+    points = []
+    for i, m in enumerate(v for v in dist.values if v not in tried):
+        # Ray wants whole points: the other settings drawn at random (seeded), as TPE's start-up would.
+        rng = np.random.default_rng([t.seed, i])
+        points.append({"model": m} | {k: _plain(d.sample(random_state=rng)) for k, d in others.items()})
+    return points
+
+
+def _plain(value: Any) -> Any:
+    """A numpy scalar from a domain's sample as a Python value (records and configs are JSON)."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def make_searcher(
     t: TuneConfig, finished: list[tuple[dict[str, Any], float]], pending: list[dict[str, Any]]
 ) -> Any:
     """Optuna's TPE over the sweep's space, told the ``(settings, value)`` of trials finished before
-    (NaN: failed) and proposing the ``pending`` settings first."""
+    (NaN: failed), proposing the ``pending`` settings first, then each architecture not tried yet."""
     from ray.tune.search.optuna import OptunaSearch
 
     searcher = OptunaSearch(
@@ -259,7 +283,7 @@ def make_searcher(
         mode="max" if t.metric == "val_auc" else "min",
         # A resubmitted sweep draws other random start-up points than the one it continues.
         seed=t.seed + len(finished) + len(pending),
-        points_to_evaluate=[dict(p) for p in pending] or None,
+        points_to_evaluate=[dict(p) for p in pending] + cover_architectures(t, finished, pending) or None,
     )
     for params, value in finished:
         searcher.add_evaluated_point(dict(params), value, error=math.isnan(value))

@@ -193,3 +193,15 @@ def test_the_cost_of_a_sweep_counts_num_samples_trials_of_its_costliest_architec
     assert sweep.work.startswith("6 trials") and grid.work.startswith("2 trials")
     # Six trials of resnet34 (2x ResNet-18) against one of each: 12 / 3 = 4x the node-hours.
     assert sweep.node_hours / grid.node_hours == pytest.approx(4.0, rel=0.01)
+
+
+def test_a_fresh_sweep_tries_every_architecture_first_and_a_resumed_one_only_those_left():
+    from lensmill.tune import make_searcher
+
+    cfg = load_config(SMOKE, [SPACE])
+    archs = list(cfg.tune.space()["model"].values)
+    first = make_searcher(cfg.tune, [], [])
+    assert [first.suggest(f"t{i}")["model"] for i in range(len(archs))] == archs
+    done = {"model": archs[0], "lr": 1e-3, "batch_size": 16, "label_smoothing": 0.0}
+    resumed = make_searcher(cfg.tune, [(done, 0.9)], [])
+    assert resumed.suggest("a")["model"] == archs[1]
