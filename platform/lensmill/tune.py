@@ -250,8 +250,9 @@ def _run_grid(cfg: Config, parent: str) -> tuple[list[dict[str, Any]], dict[str,
 def cover_architectures(
     t: TuneConfig, finished: list[tuple[dict[str, Any], float]], pending: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
-    """First points for the architectures of a sampled ``model`` no trial has tried yet, when ``num_samples`` has room for all of them: TPE starts with
-    random points, and six random draws over three architectures miss one a third of the time."""
+    """First points for the architectures of a sampled ``model`` no trial has tried yet, when
+    ``num_samples`` has room for all of them: TPE starts with random points, and six random draws
+    over three architectures miss one a third of the time."""
     dist = t.space().get("model")
     if not isinstance(dist, Choice) or len(dist.values) > t.num_samples:
         return []
