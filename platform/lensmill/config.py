@@ -548,6 +548,9 @@ class TrainConfig(_Frozen):
     early_stopping_patience: int | None = Field(None, ge=1)
     # Backbone weights from a local path or storage URI (no hub downloads); None = random init.
     pretrained_uri: str | None = None
+    # The model's input scale: images resized to this many pixels a side (bilinear) before the
+    # backbone, in training and wherever the model scores; None = the dataset's size.
+    input_size_px: int | None = Field(None, ge=8, le=1024)
 
 
 # The train settings a Tune search space may sample; integer ones take a choice.
@@ -561,8 +564,9 @@ SWEEPABLE = (
     "label_smoothing",
     "epochs",
     "early_stopping_patience",
+    "input_size_px",
 )
-_INTEGER_SETTINGS = ("batch_size", "epochs", "early_stopping_patience")
+_INTEGER_SETTINGS = ("batch_size", "epochs", "early_stopping_patience", "input_size_px")
 
 
 class TuneConfig(_Frozen):
@@ -662,9 +666,18 @@ class OperatingPoint(_Frozen):
     prevalence: float | None = Field(None, gt=0, lt=1)
 
 
+MEMBER_SOURCES = ("run:", "models:/")
+
+
 class EnsembleConfig(_Frozen):
     """Member selection, and the members' weights searched by Ray Tune on validation."""
 
+    # Where the members come from. Empty: the best trials of this config's tune results (the best of
+    # each architecture first, ``max_members`` in all). Otherwise a list of sources, each
+    # ``run:<run name>`` (a training run under the storage root: a tune trial or `lensmill train`, the
+    # name MLflow shows) or ``models:/<name>/<version>`` / ``models:/<name>@<alias>`` (every member of
+    # a registered ensemble version). Members may take different input sizes (train.input_size_px).
+    members: tuple[str, ...] = ()
     max_members: int = Field(3, ge=1)
     # Ray Tune samples this many weight vectors (Optuna's TPE); equal weights and each member alone
     # are always among them, so the result is never worse on validation than either.
@@ -677,6 +690,20 @@ class EnsembleConfig(_Frozen):
     # Dihedral test-time augmentation in the ensemble stage, evaluation, serving and scoring: each
     # member scores the 8 rotations/flips of an image (8x the inference cost).
     tta: bool = False
+
+    @field_validator("members")
+    @classmethod
+    def _known_sources(cls, members: tuple[str, ...]) -> tuple[str, ...]:
+        for i, source in enumerate(members):
+            rest = next((source[len(p) :] for p in MEMBER_SOURCES if source.startswith(p)), None)
+            if not rest or not rest.strip("/@"):
+                raise ValueError(
+                    f"entry {i}: {source!r} is not a member source: use run:<run name>, "
+                    "models:/<name>/<version> or models:/<name>@<alias>"
+                )
+        if len(set(members)) < len(members):
+            raise ValueError("members: a source is listed twice")
+        return members
 
 
 class EvaluateConfig(_Frozen):

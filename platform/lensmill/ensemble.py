@@ -28,12 +28,18 @@ from lensmill import tracking
 from lensmill.config import Config, EnsembleConfig, OperatingPoint
 from lensmill.errors import TrackingError
 from lensmill.layout import ensemble_result_uri, stage_run_name
+from lensmill.members import (
+    MemberSource,
+    named_sources,
+    trial_sources,
+    validation_dataset,
+    validation_probabilities,
+)
 from lensmill.metrics import apply_temperature, expected_calibration_error, fit_temperature, tpr_at_max_fp
-from lensmill.models import load_classifier
 from lensmill.predict import EnsemblePredictor, Member
-from lensmill.records import RunSummary, TrialResult
-from lensmill.shards import load_split
-from lensmill.storage import download_dir, is_s3, write_json
+from lensmill.records import TrialResult
+from lensmill.shards import load_split, read_manifest
+from lensmill.storage import write_json
 from lensmill.tune import load_tune_results
 
 log = logging.getLogger(__name__)
@@ -193,12 +199,6 @@ def _version_description(
     )
 
 
-def _member_dir(cfg: Config, checkpoint_uri: str, dst: Path) -> Path:
-    if is_s3(checkpoint_uri):
-        return download_dir(checkpoint_uri, dst, cfg.storage)
-    return Path(checkpoint_uri)
-
-
 def champion_objective(
     cfg: Config, images: np.ndarray, labels: np.ndarray, download_to: Path
 ) -> dict[str, Any]:
@@ -236,116 +236,126 @@ def decide_promotion(new_value: float, champion: dict[str, Any], promote: bool) 
 
 
 def build_ensemble(cfg: Config, promote: bool = False) -> dict[str, Any]:
-    """Select members from the tune results, weight them on validation, register the ensemble:
-    ``@champion`` when it beats the current one on validation (or ``promote``), else ``@challenger``."""
-    trials = load_tune_results(cfg).trials
-    chosen = [t.summary for t in select_members(trials, cfg.ensemble.max_members) if t.summary]
-    if not chosen:
-        raise RuntimeError("no usable trials to build an ensemble from")
-    with tracking.run(cfg, stage_run_name(cfg, "ensemble"), "ensemble", chosen[0].dataset_id) as run_id:
-        result = _weigh_and_register(cfg, chosen, run_id, promote)
+    """Take the members (``ensemble.members``, else the best tune trials), weight them on validation,
+    register the ensemble: ``@champion`` when it beats the current one on validation (or
+    ``promote``), else ``@challenger``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        if cfg.ensemble.members:
+            sources = named_sources(cfg, Path(tmp) / "members")
+        else:
+            trials = load_tune_results(cfg).trials
+            chosen = [t.summary for t in select_members(trials, cfg.ensemble.max_members) if t.summary]
+            if not chosen:
+                raise RuntimeError("no usable trials to build an ensemble from")
+            sources = trial_sources(cfg, chosen, Path(tmp) / "members")
+        dataset_uri = validation_dataset(cfg, sources)
+        dataset_id = read_manifest(dataset_uri, cfg.storage).dataset_id
+        with tracking.run(cfg, stage_run_name(cfg, "ensemble"), "ensemble", dataset_id) as run_id:
+            result = _weigh_and_register(cfg, sources, dataset_uri, dataset_id, run_id, promote, Path(tmp))
     write_json(ensemble_result_uri(cfg), result, cfg.storage)
     return result
 
 
-def _weigh_and_register(cfg: Config, chosen: list[RunSummary], run_id: str, promote: bool) -> dict[str, Any]:
+def _weigh_and_register(
+    cfg: Config,
+    sources: list[MemberSource],
+    dataset_uri: str,
+    dataset_id: str,
+    run_id: str,
+    promote: bool,
+    tmp: Path,
+) -> dict[str, Any]:
     """Member probabilities on validation, the weight search, the temperature, the registration."""
-    dataset_uri = chosen[0].dataset_uri
-    images, labels, _ = load_split(dataset_uri, "val", cfg.storage)
-    with tempfile.TemporaryDirectory() as tmp:
-        members = []
-        for i, t in enumerate(chosen):
-            d = _member_dir(cfg, t.checkpoint_uri, Path(tmp) / f"ckpt-{i}")
-            model, meta = load_classifier(d / t.member_file)
-            members.append(
-                Member(name=f"{t.model}@lr{t.lr:g}", model=model, weight=1.0 / len(chosen), meta=meta)
-            )
-        shape = tuple(int(s) for s in images.shape[1:])
-        info = {"dataset_id": chosen[0].dataset_id, "config_hash": cfg.hash()}
-        point = cfg.ensemble.operating_point
-        tta = cfg.ensemble.tta
-        equal = EnsemblePredictor(members, shape, 0.5, info, tta=tta)
-        probs = equal.member_probabilities(images)  # (N, M), computed once
-        search = search_weights(probs, labels, cfg.ensemble)
-        weights = search["weights"]
-        for m, w in zip(members, weights, strict=True):
-            m.weight = float(w)
-        # Calibration on validation: one temperature for the weighted probability (N,).
-        p_val = combine(probs, weights)
-        val_auc = float(roc_auc_score(labels, p_val))
-        temperature = fit_temperature(labels, p_val)
-        bins = cfg.evaluate.calibration_bins
-        val_ece = expected_calibration_error(labels, p_val, bins)
-        p_cal = apply_temperature(p_val, temperature)
-        val_ece_cal = expected_calibration_error(labels, p_cal, bins)
-        operating = choose_threshold(labels, p_cal, point)
-        operating_point = {**point.model_dump(mode="json"), **operating}
-        info |= {"operating_point": operating_point}
-        predictor = EnsemblePredictor(
-            members, shape, operating["threshold"], info, temperature=temperature, tta=tta
-        )
-        out_dir = Path(tmp) / "ensemble"
-        predictor.save(out_dir)
+    # (N, M): each member once, with Ray Data, at its own input scale.
+    probs, labels = validation_probabilities(cfg, dataset_uri, sources)
+    images, champion_labels, _ = load_split(dataset_uri, "val", cfg.storage)
+    members = [s.load() for s in sources]
+    shape = tuple(int(s) for s in images.shape[1:])
+    info = {"dataset_id": dataset_id, "config_hash": cfg.hash()}
+    point = cfg.ensemble.operating_point
+    tta = cfg.ensemble.tta
+    search = search_weights(probs, labels, cfg.ensemble)
+    weights = search["weights"]
+    for m, w in zip(members, weights, strict=True):
+        m.weight = float(w)
+    # Calibration on validation: one temperature for the weighted probability (N,).
+    p_val = combine(probs, weights)
+    val_auc = float(roc_auc_score(labels, p_val))
+    temperature = fit_temperature(labels, p_val)
+    bins = cfg.evaluate.calibration_bins
+    val_ece = expected_calibration_error(labels, p_val, bins)
+    p_cal = apply_temperature(p_val, temperature)
+    val_ece_cal = expected_calibration_error(labels, p_cal, bins)
+    operating = choose_threshold(labels, p_cal, point)
+    operating_point = {**point.model_dump(mode="json"), **operating}
+    info |= {"operating_point": operating_point}
+    predictor = EnsemblePredictor(
+        members, shape, operating["threshold"], info, temperature=temperature, tta=tta
+    )
+    out_dir = tmp / "ensemble"
+    predictor.save(out_dir)
 
-        member_aucs = [float(roc_auc_score(labels, probs[:, j])) for j in range(len(members))]
-        tracking.log_metrics(
-            cfg,
-            run_id,
-            {
-                "val_auc": val_auc,
-                f"val_{cfg.ensemble.objective}": search["val_objective"],
-                f"equal_weights_val_{cfg.ensemble.objective}": search["equal_weights_val_objective"],
-                f"best_member_val_{cfg.ensemble.objective}": search["best_member_val_objective"],
-                "weight_search_trials": search["trials"],
-                "temperature": temperature,
-                "val_ece_uncalibrated": val_ece,
-                "val_ece": val_ece_cal,
-                "threshold": operating["threshold"],
-                "val_tpr_at_threshold": operating["val_tpr"],
-                "val_fpr_at_threshold": operating["val_fpr"],
-                "val_purity_at_threshold": operating["val_purity"],
-                **{f"weight_{j}": float(w) for j, w in enumerate(weights)},
-                **{f"member_val_auc_{j}": a for j, a in enumerate(member_aucs)},
-            },
-        )
-        # The same measure for both: the objective of the calibrated p_lens on these images.
-        new_value = objective_value(cfg.ensemble.objective, labels, p_cal)
-        champion = champion_objective(cfg, images, labels, Path(tmp) / "champion")
-        promoted, why = decide_promotion(new_value, champion, promote)
-        log.info("ensemble %s: %s", "promoted to champion" if promoted else "registered as challenger", why)
-        tracking.log_metrics(
-            cfg,
-            run_id,
-            {f"calibrated_val_{cfg.ensemble.objective}": new_value}
-            | (
-                {f"champion_val_{cfg.ensemble.objective}": champion["value"]}
-                if champion["value"] is not None
-                else {}
-            ),
-        )
-        tracking.client(cfg).set_tag(run_id, "lensmill.promotion", why)
-        alias = cfg.tracking.alias if promoted else CHALLENGER_ALIAS
-        description = _version_description(
-            cfg, chosen[0].dataset_id, members, member_aucs, val_auc, search, temperature, operating, why
-        )
-        version_tags = {
-            "dataset_id": chosen[0].dataset_id,
-            "config_hash": cfg.hash(),
-            "git_sha": tracking.git_sha(),
-        }
-        registered = tracking.register_ensemble(cfg, run_id, out_dir, alias, description, version_tags)
+    member_aucs = [float(roc_auc_score(labels, probs[:, j])) for j in range(len(members))]
+    tracking.log_metrics(
+        cfg,
+        run_id,
+        {
+            "val_auc": val_auc,
+            f"val_{cfg.ensemble.objective}": search["val_objective"],
+            f"equal_weights_val_{cfg.ensemble.objective}": search["equal_weights_val_objective"],
+            f"best_member_val_{cfg.ensemble.objective}": search["best_member_val_objective"],
+            "weight_search_trials": search["trials"],
+            "temperature": temperature,
+            "val_ece_uncalibrated": val_ece,
+            "val_ece": val_ece_cal,
+            "threshold": operating["threshold"],
+            "val_tpr_at_threshold": operating["val_tpr"],
+            "val_fpr_at_threshold": operating["val_fpr"],
+            "val_purity_at_threshold": operating["val_purity"],
+            **{f"weight_{j}": float(w) for j, w in enumerate(weights)},
+            **{f"member_val_auc_{j}": a for j, a in enumerate(member_aucs)},
+        },
+    )
+    # The same measure for both: the objective of the calibrated p_lens on these images.
+    new_value = objective_value(cfg.ensemble.objective, labels, p_cal)
+    champion = champion_objective(cfg, images, champion_labels, tmp / "champion")
+    promoted, why = decide_promotion(new_value, champion, promote)
+    log.info("ensemble %s: %s", "promoted to champion" if promoted else "registered as challenger", why)
+    tracking.log_metrics(
+        cfg,
+        run_id,
+        {f"calibrated_val_{cfg.ensemble.objective}": new_value}
+        | (
+            {f"champion_val_{cfg.ensemble.objective}": champion["value"]}
+            if champion["value"] is not None
+            else {}
+        ),
+    )
+    tracking.client(cfg).set_tag(run_id, "lensmill.promotion", why)
+    alias = cfg.tracking.alias if promoted else CHALLENGER_ALIAS
+    description = _version_description(
+        cfg, dataset_id, members, member_aucs, val_auc, search, temperature, operating, why
+    )
+    version_tags = {
+        "dataset_id": dataset_id,
+        "config_hash": cfg.hash(),
+        "git_sha": tracking.git_sha(),
+    }
+    registered = tracking.register_ensemble(cfg, run_id, out_dir, alias, description, version_tags)
 
     result = {
         "members": [
             {
                 "name": m.name,
-                "model": t.model,
-                "lr": t.lr,
+                "model": src.model,
+                "lr": src.lr,
+                "input_size_px": m.model.input_size_px,
+                "source": src.source,
                 "val_auc": a,
                 "weight": float(w),
-                "mlflow_run_id": t.mlflow_run_id,
+                "mlflow_run_id": src.mlflow_run_id,
             }
-            for m, t, a, w in zip(members, chosen, member_aucs, weights, strict=True)
+            for m, src, a, w in zip(members, sources, member_aucs, weights, strict=True)
         ],
         "ensemble_weights": [float(w) for w in weights],
         "val_auc": val_auc,

@@ -11,8 +11,9 @@ patches of a 64x64 image, width 192, depth 6; other sizes by interpolated positi
 Weights are never fetched from a hub: ``load_pretrained`` reads a state_dict from a local path or a
 storage URI (``s3://`` through ``lensmill.storage``).
 
-A ``LensClassifier`` wraps a backbone with the normalisation it was trained with, so a saved member
-carries everything needed to score raw images of shape (N, C, H, W).
+A ``LensClassifier`` wraps a backbone with the normalisation it was trained with and the input scale
+it sees (``input_size_px``), so a saved member carries everything needed to score raw images of shape
+(N, C, H, W), whatever scale the other members of its ensemble work at.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import io
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import torch
 from torch import nn
@@ -291,9 +292,13 @@ class LensClassifier(nn.Module):
         mean: list[float],
         std: list[float],
         scale: list[float] | None = None,
+        input_size_px: int | None = None,
     ) -> None:
         super().__init__()
         self.model_name = model_name
+        # The member's own scale: images are resized to it after normalisation (None: as given), so
+        # an ensemble can hold a ResNet at 64x64 beside a transformer at 128x128.
+        self.input_size_px = input_size_px
         self.backbone = create_model(model_name, in_chans=in_chans, num_classes=1)
         self.stretch = scale is not None
         self.register_buffer("scale", _channel_buffer(scale or [1.0] * in_chans))
@@ -308,7 +313,14 @@ class LensClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # (N, C, H, W) raw fluxes -> (N,) logits
-        return self.backbone(self.normalise(x)).squeeze(-1)
+        x = self.normalise(x)
+        size = self.input_size_px
+        if size is not None and tuple(x.shape[-2:]) != (size, size):
+            # (N, C, H, W) -> (N, C, size, size); antialiased when shrinking, as an image tool would.
+            x = nn.functional.interpolate(
+                x, size=(size, size), mode="bilinear", align_corners=False, antialias=size < x.shape[-1]
+            )
+        return self.backbone(x).squeeze(-1)
 
 
 def _channel_buffer(values: list[float]) -> torch.Tensor:
@@ -317,7 +329,12 @@ def _channel_buffer(values: list[float]) -> torch.Tensor:
 
 def build_classifier(meta: dict[str, Any]) -> LensClassifier:
     return LensClassifier(
-        meta["model"], meta["in_chans"], meta["norm_mean"], meta["norm_std"], meta.get("norm_scale")
+        meta["model"],
+        meta["in_chans"],
+        meta["norm_mean"],
+        meta["norm_std"],
+        meta.get("norm_scale"),
+        meta.get("input_size_px"),
     )
 
 
@@ -330,12 +347,14 @@ def save_classifier(model: LensClassifier, path: Path, extra: dict[str, Any] | N
         "norm_mean": model.mean.flatten().tolist(),
         "norm_std": model.std.flatten().tolist(),
         "norm_scale": model.scale.flatten().tolist() if model.stretch else None,
+        "input_size_px": model.input_size_px,
     }
     torch.save({**meta, **(extra or {}), "state_dict": model.state_dict()}, path)
 
 
-def load_classifier(path: Path) -> tuple[LensClassifier, dict[str, Any]]:
-    """Inverse of ``save_classifier``; returns the model in eval mode and its saved metadata."""
+def load_classifier(path: Path | BinaryIO) -> tuple[LensClassifier, dict[str, Any]]:
+    """Inverse of ``save_classifier`` (a path, or the file's bytes as a stream); returns the model in
+    eval mode and its saved metadata."""
     blob = torch.load(path, map_location="cpu", weights_only=False)
     model = build_classifier(blob)
     model.load_state_dict(blob["state_dict"])

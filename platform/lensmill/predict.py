@@ -51,7 +51,9 @@ from lensmill.records import (
 
 MANIFEST = "ensemble.json"
 # Member keys that save() writes itself, or that the member file already holds (save_classifier).
-_MEMBER_FILE_KEYS = ("name", "weight", "file", "model", "in_chans", "norm_mean", "norm_std", "state_dict")
+_MEMBER_FILE_KEYS = (
+    "name", "weight", "file", "model", "in_chans", "norm_mean", "norm_std", "input_size_px", "state_dict",
+)  # fmt: skip
 
 
 def _json_default(obj: Any) -> Any:
@@ -318,7 +320,7 @@ class EnsemblePredictor:
             entries.append(
                 EnsembleMemberEntry(
                     name=member.name, weight=float(weight), file=file, model=member.model.model_name,
-                    **_plain(meta),
+                    input_size_px=member.model.input_size_px, **_plain(meta),
                 )
             )  # fmt: skip
         info = {k: v for k, v in self._info.items() if k not in EnsembleManifest.model_fields}

@@ -273,16 +273,27 @@ def register_ensemble(
 
 def download_champion(cfg: Config, dst_dir: Path) -> dict[str, Any]:
     """Fetch the ensemble behind ``models:/<name>@<alias>``; returns its local path, name and version."""
+    return download_version(cfg, cfg.tracking.registered_model, f"@{cfg.tracking.alias}", dst_dir)
+
+
+def download_version(cfg: Config, name: str, ref: str, dst_dir: Path) -> dict[str, Any]:
+    """Fetch a registered ensemble, ``ref`` a version number or ``@alias``: its local path, name,
+    version and the run that logged it."""
     import mlflow
 
     from lensmill.predict import MANIFEST
 
-    name, alias = cfg.tracking.registered_model, cfg.tracking.alias
     try:
-        mv = client(cfg).get_model_version_by_alias(name, alias)
+        c = client(cfg)
+        mv = (
+            c.get_model_version_by_alias(name, ref[1:])
+            if ref.startswith("@")
+            else c.get_model_version(name, ref)
+        )
     except Exception as exc:
+        what = f"{name}{ref}" if ref.startswith("@") else f"{name}/{ref}"
         raise TrackingError(
-            f"no model {name}@{alias} in the registry at {tracking_uri_for(cfg)} "
+            f"no model {what} in the registry at {tracking_uri_for(cfg)} "
             f"(run `lensmill ensemble` first): {exc}"
         ) from exc
     # models:/ URIs resolve through the process-global registry URI: set it for this process.

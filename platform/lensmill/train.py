@@ -285,8 +285,10 @@ class Normalisation:
     def as_params(self) -> dict[str, list[float]]:
         return {"norm_scale": list(self.scale), "norm_mean": list(self.mean), "norm_std": list(self.std)}
 
-    def classifier(self, model_name: str) -> LensClassifier:
-        return LensClassifier(model_name, len(self.mean), list(self.mean), list(self.std), list(self.scale))
+    def classifier(self, model_name: str, input_size_px: int | None = None) -> LensClassifier:
+        return LensClassifier(
+            model_name, len(self.mean), list(self.mean), list(self.std), list(self.scale), input_size_px
+        )
 
 
 @dataclass(frozen=True)
@@ -323,7 +325,7 @@ def _build(
     # Ray sets OMP_NUM_THREADS to the worker's CPU reservation (1 when fractional): be explicit.
     torch.set_num_threads(t.torch_threads or max(1, int(t.cpus_per_worker)))
     torch.manual_seed(t.seed)
-    model = plan.norm.classifier(t.model)
+    model = plan.norm.classifier(t.model, t.input_size_px)
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t.epochs)
     return model, optimizer, scheduler

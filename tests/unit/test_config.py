@@ -71,3 +71,28 @@ def test_config_hash_changes_with_content():
 @pytest.mark.parametrize("path", sorted((REPO / "jobs" / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_are_valid(path):
     load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("members", "message"),
+    [
+        ("[my-run]", r"ensemble.members: entry 0: 'my-run' is not a member source"),
+        ("['run:']", r"entry 0: 'run:' is not a member source"),
+        ("['models:/']", r"entry 0: 'models:/' is not a member source"),
+        ("[run:a, run:a]", r"a source is listed twice"),
+    ],
+)
+def test_ensemble_members_name_the_bad_source(members: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [f"ensemble.members={members}"])
+
+
+def test_ensemble_members_and_input_size_parse() -> None:
+    cfg = load_config(
+        None, ["ensemble.members=[run:a, 'models:/lens-ensemble@champion']", "train.input_size_px=96"]
+    )
+    assert (
+        cfg.ensemble.members == ("run:a", "models:/lens-ensemble@champion") and cfg.train.input_size_px == 96
+    )
+    with pytest.raises(ConfigError, match="train.input_size_px"):
+        load_config(None, ["train.input_size_px=4"])

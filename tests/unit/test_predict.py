@@ -59,7 +59,7 @@ def test_save_load_round_trip(predictor: EnsemblePredictor, images: np.ndarray, 
     assert sum(m["weight"] for m in manifest["members"]) == pytest.approx(1.0)
     assert manifest["members"][0]["val_auc"] == pytest.approx(0.91)
     # What the member file already holds is not repeated in ensemble.json.
-    assert set(manifest["members"][0]) == {"name", "model", "weight", "file", "val_auc"}
+    assert set(manifest["members"][0]) == {"name", "model", "weight", "file", "val_auc", "input_size_px"}
 
     loaded = EnsemblePredictor.load(tmp_path / "ens")
     after = loaded.predict(images)
@@ -256,3 +256,21 @@ def test_tta_scores_do_not_depend_on_orientation_and_survive_save_load(
     loaded = EnsemblePredictor.load(tta.save(tmp_path / "tta"))
     assert loaded.tta and np.allclose(loaded.member_probabilities(images), p)
     assert json.loads((tmp_path / "tta" / "ensemble.json").read_text())["tta"] is True
+
+
+def test_members_at_their_own_scales_score_native_images_and_keep_their_scale(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    seen: list[tuple[int, ...]] = []
+    native = LensClassifier("tiny", 1, mean=[0.0], std=[1.0])
+    scaled = LensClassifier("vit_cutout_tiny", 1, mean=[0.0], std=[1.0], input_size_px=48)
+    scaled.backbone.register_forward_pre_hook(lambda _m, args: seen.append(tuple(args[0].shape)))
+    ens = EnsemblePredictor([Member("cnn", native, 0.5), Member("vit", scaled, 0.5)], (1, 32, 32))
+    x = np.random.default_rng(0).normal(size=(3, 1, 32, 32)).astype(np.float32)
+    before = ens.member_probabilities(x)
+    assert seen == [(3, 1, 48, 48)]  # the transformer saw 48x48, the CNN the images as given
+    ens.save(tmp_path / "ens")
+    loaded = EnsemblePredictor.load(tmp_path / "ens")
+    assert [m.model.input_size_px for m in loaded.members] == [None, 48]
+    manifest = json.loads((tmp_path / "ens" / "ensemble.json").read_text())
+    assert [m["input_size_px"] for m in manifest["members"]] == [None, 48]
+    np.testing.assert_allclose(loaded.member_probabilities(x), before, atol=1e-6)
