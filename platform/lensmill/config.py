@@ -685,6 +685,10 @@ class EnsembleConfig(_Frozen):
     # What the weights maximise on validation: ROC AUC, TPR10 (lenses found before the tenth
     # false positive) or the log loss (its negative).
     objective: Literal["roc_auc", "tpr10", "log_loss"] = "roc_auc"
+    # Also search a temperature per member (log-uniform in [1/4, 4]), applied to its logit before the
+    # weighted mean: an over-confident member is softened instead of down-weighted. Changes log loss
+    # and calibration (and, through the mean, the ranking); the grid of weights alone stays the default.
+    member_temperatures: bool = False
     seed: int = 0
     operating_point: OperatingPoint = OperatingPoint()
     # Dihedral test-time augmentation in the ensemble stage, evaluation, serving and scoring: each

@@ -2,7 +2,8 @@
 
 Member probabilities on the validation split are computed once; Ray Tune then searches the weights
 on those arrays (``search_weights``: Ray Tune's Optuna search algorithm, TPE over one raw weight
-per member, normalised onto the simplex), maximising ``ensemble.objective``; equal weights
+per member, normalised onto the simplex, and with ``ensemble.member_temperatures`` a temperature
+per member), maximising ``ensemble.objective``; equal weights
 and each member alone are evaluated first, so the result never trails them on validation. A
 temperature for the weighted probability is then fitted on the same arrays
 (``metrics.fit_temperature``), and the decision threshold is chosen on the calibrated validation
@@ -74,16 +75,34 @@ def _log_loss(labels: np.ndarray, p: np.ndarray) -> float:
     return float(log_loss(labels, np.clip(p, 1e-7, 1 - 1e-7), labels=[0, 1]))
 
 
+MEMBER_TEMPERATURE_RANGE = (0.25, 4.0)
+
+
 def _weights_of(config: dict[str, Any], m: int) -> list[float]:
     return [float(config[f"w{j}"]) for j in range(m)]
 
 
+def _temperatures_of(config: dict[str, Any], m: int) -> list[float]:
+    return [float(config.get(f"t{j}", 1.0)) for j in range(m)]
+
+
+def apply_member_temperatures(member_probs: np.ndarray, temperatures: Sequence[float]) -> np.ndarray:
+    """Each member's column (N, M) at its own temperature (M,)."""
+    return np.stack([apply_temperature(member_probs[:, j], t) for j, t in enumerate(temperatures)], axis=1)
+
+
 def _score_weights(
-    member_probs: np.ndarray, labels: np.ndarray, weights: list[float], objective: str
+    member_probs: np.ndarray,
+    labels: np.ndarray,
+    weights: list[float],
+    objective: str,
+    temperatures: list[float] | None = None,
 ) -> dict[str, float]:
     """One weight vector's objective, and its log loss (the tie-break)."""
     if sum(weights) <= 0:  # all zero: no ensemble; the worst score rather than an error
         return {"objective": -np.inf, "log_loss": np.inf}
+    if temperatures is not None:
+        member_probs = apply_member_temperatures(member_probs, temperatures)
     p = combine(member_probs, weights)
     return {"objective": objective_value(objective, labels, p), "log_loss": _log_loss(labels, p)}
 
@@ -102,30 +121,39 @@ def search_weights(member_probs: np.ndarray, labels: np.ndarray, settings: Ensem
     from ray.tune.search.optuna import OptunaSearch
 
     m = member_probs.shape[1]
-    # Equal weights, then each member alone, are evaluated first.
+    space = {f"w{j}": tune.uniform(0.0, 1.0) for j in range(m)}
+    temps = settings.member_temperatures
+    if temps:
+        space |= {f"t{j}": tune.loguniform(*MEMBER_TEMPERATURE_RANGE) for j in range(m)}
+    # Equal weights, then each member alone, are evaluated first (members as trained: T = 1).
     starts = [[1.0] * m] + [[1.0 if i == j else 0.0 for i in range(m)] for j in range(m)]
     searcher = OptunaSearch(
-        space={f"w{j}": tune.uniform(0.0, 1.0) for j in range(m)},
+        space=space,
         metric="objective",
         mode="max",
         seed=settings.seed,
-        points_to_evaluate=[{f"w{j}": w[j] for j in range(m)} for w in starts],
+        points_to_evaluate=[
+            {f"w{j}": w[j] for j in range(m)} | ({f"t{j}": 1.0 for j in range(m)} if temps else {})
+            for w in starts
+        ],
     )
     rows = []
     for i in range(max(settings.weight_trials, len(starts))):
         trial_id = f"weights-{i}"
-        weights = _weights_of(searcher.suggest(trial_id), m)
-        result = _score_weights(member_probs, labels, weights, settings.objective)
+        config = searcher.suggest(trial_id)
+        weights, temperatures = _weights_of(config, m), _temperatures_of(config, m)
+        result = _score_weights(member_probs, labels, weights, settings.objective, temperatures)
         usable = bool(np.isfinite(result["objective"]))
         searcher.on_trial_complete(trial_id, result if usable else None, error=not usable)
         if usable:
-            rows.append((result["objective"], -result["log_loss"], weights))
+            rows.append((result["objective"], -result["log_loss"], weights, temperatures))
     if not rows:
         raise RuntimeError("the ensemble's weight search produced no usable result")
-    best_objective, _, best = max(rows, key=lambda r: (r[0], r[1]))
+    best_objective, _, best, best_temperatures = max(rows, key=lambda r: (r[0], r[1]))
     singles = [objective_value(settings.objective, labels, member_probs[:, j]) for j in range(m)]
     return {
         "weights": np.asarray(best) / sum(best),
+        "temperatures": best_temperatures,
         "val_objective": float(best_objective),
         "equal_weights_val_objective": objective_value(settings.objective, labels, member_probs.mean(axis=1)),
         "best_member_val_objective": max(singles),
@@ -186,7 +214,8 @@ def _version_description(
         [
             f"Ensemble of {len(members)} members on dataset {dataset_id}:",
             *(
-                f"- {m.name}: weight {m.weight:.3f}, validation ROC AUC {a:.4f}"
+                f"- {m.name}: weight {m.weight:.3f}, temperature {m.temperature:.3g}, "
+                f"validation ROC AUC {a:.4f}"
                 for m, a in zip(members, member_aucs, strict=True)
             ),
             f"Validation: ROC AUC {val_auc:.4f}, {obj} {search['val_objective']:.4f} "
@@ -276,8 +305,9 @@ def _weigh_and_register(
     tta = cfg.ensemble.tta
     search = search_weights(probs, labels, cfg.ensemble)
     weights = search["weights"]
-    for m, w in zip(members, weights, strict=True):
-        m.weight = float(w)
+    for m, w, t in zip(members, weights, search["temperatures"], strict=True):
+        m.weight, m.temperature = float(w), float(t)
+    probs = apply_member_temperatures(probs, search["temperatures"])  # (N, M) as the predictor gives
     # Calibration on validation: one temperature for the weighted probability (N,).
     p_val = combine(probs, weights)
     val_auc = float(roc_auc_score(labels, p_val))
@@ -313,6 +343,7 @@ def _weigh_and_register(
             "val_fpr_at_threshold": operating["val_fpr"],
             "val_purity_at_threshold": operating["val_purity"],
             **{f"weight_{j}": float(w) for j, w in enumerate(weights)},
+            **{f"member_temperature_{j}": float(t) for j, t in enumerate(search["temperatures"])},
             **{f"member_val_auc_{j}": a for j, a in enumerate(member_aucs)},
         },
     )
@@ -353,6 +384,7 @@ def _weigh_and_register(
                 "source": src.source,
                 "val_auc": a,
                 "weight": float(w),
+                "temperature": m.temperature,
                 "mlflow_run_id": src.mlflow_run_id,
             }
             for m, src, a, w in zip(members, sources, member_aucs, weights, strict=True)

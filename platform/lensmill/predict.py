@@ -52,7 +52,8 @@ from lensmill.records import (
 MANIFEST = "ensemble.json"
 # Member keys that save() writes itself, or that the member file already holds (save_classifier).
 _MEMBER_FILE_KEYS = (
-    "name", "weight", "file", "model", "in_chans", "norm_mean", "norm_std", "input_size_px", "state_dict",
+    "name", "weight", "file", "model", "in_chans", "norm_mean", "norm_std", "input_size_px", "temperature",
+    "state_dict",
 )  # fmt: skip
 
 
@@ -86,6 +87,9 @@ class Member:
     model: LensClassifier
     weight: float
     meta: dict[str, Any] = field(default_factory=dict)
+    # The member's own calibration, searched with the weights (ensemble.member_temperatures):
+    # its probability is sigmoid(logit / temperature) before the weighted mean; 1.0 = as trained.
+    temperature: float = 1.0
 
 
 def _shape_text(shape: Sequence[int]) -> str:
@@ -246,7 +250,8 @@ class EnsemblePredictor:
         return validate_images(images, self._image_shape)
 
     def member_probabilities(self, images: np.ndarray) -> np.ndarray:
-        """(N, M) float64 sigmoid probabilities, one column per member, computed in batches."""
+        """(N, M) float64 sigmoid probabilities, one column per member (each at its own temperature),
+        computed in batches."""
         batch = self.validate_images(images)
         n = batch.shape[0]
         out = np.empty((n, len(self._members)), dtype=np.float64)
@@ -265,7 +270,9 @@ class EnsemblePredictor:
                             )
                         # Sigmoid in float64 keeps probabilities near 0 and 1 distinguishable.
                         p += torch.sigmoid(logits.double())
-                    out[start : start + x.shape[0], j] = (p / len(views)).cpu().numpy()
+                    out[start : start + x.shape[0], j] = apply_temperature(
+                        (p / len(views)).cpu().numpy(), member.temperature
+                    )
         return out
 
     @staticmethod
@@ -320,7 +327,8 @@ class EnsemblePredictor:
             entries.append(
                 EnsembleMemberEntry(
                     name=member.name, weight=float(weight), file=file, model=member.model.model_name,
-                    input_size_px=member.model.input_size_px, **_plain(meta),
+                    input_size_px=member.model.input_size_px, temperature=float(member.temperature),
+                    **_plain(meta),
                 )
             )  # fmt: skip
         info = {k: v for k, v in self._info.items() if k not in EnsembleManifest.model_fields}
@@ -362,7 +370,20 @@ class EnsemblePredictor:
                 raise EnsembleArtifactError(
                     f"{path}: members[{i}] file {file} could not be loaded: {exc}"
                 ) from exc
-            members.append(Member(name=entry.name, model=model, weight=entry.weight, meta=entry.meta))
+            temperature = float(entry.meta.get("temperature", 1.0))
+            if not np.isfinite(temperature) or temperature <= 0:
+                raise EnsembleArtifactError(
+                    f"{path}: members[{i}] temperature must be > 0, got {temperature}"
+                )
+            members.append(
+                Member(
+                    name=entry.name,
+                    model=model,
+                    weight=entry.weight,
+                    meta=entry.meta,
+                    temperature=temperature,
+                )
+            )
         try:
             return cls(
                 members,

@@ -7,7 +7,7 @@ import itertools
 
 import numpy as np
 import pytest
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import log_loss, roc_auc_score
 
 from lensmill.config import EnsembleConfig
 from lensmill.ensemble import combine, search_weights
@@ -70,3 +70,23 @@ def test_other_objectives_are_searched_too() -> None:
         assert out["val_objective"] >= max(
             out["equal_weights_val_objective"], out["best_member_val_objective"]
         )
+
+
+def test_member_temperatures_soften_an_over_confident_member_and_lower_the_log_loss() -> None:
+    from lensmill.ensemble import apply_member_temperatures
+
+    probs, labels = members(seed=2)
+    # Member 1's logit is z (noise + 1.2 (y - 1/2)); the calibrated one is 1.2 z. Times 4: the
+    # temperature that calibrates it is 4 / 1.2 = 3.3.
+    logit = np.log(probs[:, 1] / (1 - probs[:, 1]))
+    over = np.stack([probs[:, 0], 1 / (1 + np.exp(-4 * logit))], axis=1)
+    settings = EnsembleConfig(weight_trials=48, objective="log_loss")
+    plain = search_weights(over, labels, settings)
+    with_t = settings.model_copy(update={"member_temperatures": True})
+    tempered = search_weights(over, labels, with_t)
+    assert plain["temperatures"] == [1.0, 1.0]
+    assert tempered["val_objective"] > plain["val_objective"] + 0.01
+    again = apply_member_temperatures(over, tempered["temperatures"])
+    assert tempered["val_objective"] == pytest.approx(-log_loss(labels, combine(again, tempered["weights"])))
+    alone = search_weights(over[:, 1:], labels, with_t)
+    assert 2.5 < alone["temperatures"][0] < 4.5, alone["temperatures"]

@@ -59,7 +59,9 @@ def test_save_load_round_trip(predictor: EnsemblePredictor, images: np.ndarray, 
     assert sum(m["weight"] for m in manifest["members"]) == pytest.approx(1.0)
     assert manifest["members"][0]["val_auc"] == pytest.approx(0.91)
     # What the member file already holds is not repeated in ensemble.json.
-    assert set(manifest["members"][0]) == {"name", "model", "weight", "file", "val_auc", "input_size_px"}
+    assert set(manifest["members"][0]) == {
+        "name", "model", "weight", "file", "val_auc", "input_size_px", "temperature",
+    }  # fmt: skip
 
     loaded = EnsemblePredictor.load(tmp_path / "ens")
     after = loaded.predict(images)
@@ -274,3 +276,19 @@ def test_members_at_their_own_scales_score_native_images_and_keep_their_scale(tm
     manifest = json.loads((tmp_path / "ens" / "ensemble.json").read_text())
     assert [m["input_size_px"] for m in manifest["members"]] == [None, 48]
     np.testing.assert_allclose(loaded.member_probabilities(x), before, atol=1e-6)
+
+
+def test_a_member_temperature_is_applied_to_its_column_and_survives_save_load(tmp_path: Path) -> None:
+    from lensmill.metrics import apply_temperature
+
+    torch.manual_seed(0)
+    model = LensClassifier("tiny", 1, mean=[0.0], std=[1.0])
+    x = np.random.default_rng(1).normal(size=(4, 1, 32, 32)).astype(np.float32)
+    as_trained = EnsemblePredictor([Member("m", model, 1.0)], (1, 32, 32)).member_probabilities(x)
+    hot = EnsemblePredictor([Member("m", model, 1.0, temperature=2.5)], (1, 32, 32))
+    np.testing.assert_allclose(hot.member_probabilities(x), apply_temperature(as_trained, 2.5), atol=1e-12)
+    hot.save(tmp_path / "e")
+    assert EnsemblePredictor.load(tmp_path / "e").members[0].temperature == 2.5
+    np.testing.assert_allclose(
+        EnsemblePredictor.load(tmp_path / "e").member_probabilities(x), hot.member_probabilities(x)
+    )
