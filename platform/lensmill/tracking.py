@@ -129,6 +129,9 @@ def run(
         "config_hash": cfg.hash(),
         "git_sha": git_sha(),
         "mlflow.source.git.commit": git_sha(),
+        # The UI's Source column: which lensmill command ran, as a job.
+        "mlflow.source.name": f"lensmill {stage}",
+        "mlflow.source.type": "JOB",
     }
     if dataset_id:
         tags["dataset_id"] = dataset_id
