@@ -333,6 +333,25 @@ def bench_simulate(
     run_command(config, overrides, lambda cfg: run_simulate_bench(cfg, images, baseline_images), ray=False)
 
 
+@bench_app.command("accuracy")
+def bench_accuracy(
+    config: ConfigPath = None,
+    overrides: Overrides = None,
+    input_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--input", help="Class folders of labelled cutouts (default: write the foreign-style set)."
+        ),
+    ] = None,
+    images: Annotated[int, typer.Option(help="Cutouts in the foreign-style set.")] = 2000,
+    epochs: Annotated[int, typer.Option(help="Epochs for both sides.")] = 10,
+) -> None:
+    """The default pipeline against a plain PyTorch ResNet-18 loop on the same files (test ROC AUC)."""
+    from lensmill.bench.accuracy import run_accuracy_bench
+
+    run_command(config, overrides, lambda cfg: run_accuracy_bench(cfg, input_dir, images, epochs))
+
+
 @bench_app.command("train")
 def bench_train(config: ConfigPath = None, overrides: Overrides = None) -> None:
     """Training throughput benchmark (lensmill.bench.train)."""
