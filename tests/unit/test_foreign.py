@@ -21,4 +21,3 @@ def test_the_set_is_8_bit_seeded_and_imports_as_one_band(tmp_path) -> None:
     uri, manifest = import_cutouts(tmp_path / "set", None, StorageConfig(root=str(tmp_path / "root")))
     images, labels, _ = load_split(uri, "train", StorageConfig())
     assert manifest.image_shape == (1, 64, 64) and images.max() <= 255 and set(labels) == {0, 1}
-
