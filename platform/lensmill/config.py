@@ -679,6 +679,9 @@ class EnsembleConfig(_Frozen):
     # a registered ensemble version). Members may take different input sizes (train.input_size_px).
     members: tuple[str, ...] = ()
     max_members: int = Field(3, ge=1)
+    # A tune trial below this validation ROC AUC is not a member (it learnt nothing: its weight would
+    # be arbitrary, since a near-constant member barely moves the ranking the weights are judged on).
+    min_member_val_auc: float = Field(0.6, ge=0, le=1)
     # Ray Tune samples this many weight vectors (Optuna's TPE); equal weights and each member alone
     # are always among them, so the result is never worse on validation than either.
     weight_trials: int = Field(48, ge=1)

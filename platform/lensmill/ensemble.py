@@ -47,9 +47,13 @@ log = logging.getLogger(__name__)
 CHALLENGER_ALIAS = "challenger"
 
 
-def select_members(trials: Sequence[TrialResult], max_members: int) -> list[TrialResult]:
-    """Best usable trial of each architecture first (diversity), then the next best overall."""
-    usable = sorted((t for t in trials if t.usable), key=lambda t: -t.val_auc)
+def select_members(
+    trials: Sequence[TrialResult], max_members: int, min_val_auc: float = 0.0
+) -> list[TrialResult]:
+    """Best usable trial of each architecture first (diversity), then the next best overall; a trial
+    below ``min_val_auc`` on validation (one that learnt nothing, such as an architecture ASHA
+    stopped at chance) is no member."""
+    usable = sorted((t for t in trials if t.usable and t.val_auc >= min_val_auc), key=lambda t: -t.val_auc)
     firsts: dict[str, TrialResult] = {}
     for t in usable:
         firsts.setdefault(t.model, t)
@@ -273,9 +277,20 @@ def build_ensemble(cfg: Config, promote: bool = False) -> dict[str, Any]:
             sources = named_sources(cfg, Path(tmp) / "members")
         else:
             trials = load_tune_results(cfg).trials
-            chosen = [t.summary for t in select_members(trials, cfg.ensemble.max_members) if t.summary]
+            e = cfg.ensemble
+            chosen = [
+                t.summary for t in select_members(trials, e.max_members, e.min_member_val_auc) if t.summary
+            ]
             if not chosen:
-                raise RuntimeError("no usable trials to build an ensemble from")
+                raise RuntimeError(
+                    f"no usable trial reaches ensemble.min_member_val_auc={e.min_member_val_auc} "
+                    "to build an ensemble from"
+                )
+            left_out = [t.run_name for t in trials if t.usable and t.val_auc < e.min_member_val_auc]
+            if left_out:
+                log.info(
+                    "ensemble: %d trial(s) below min_member_val_auc left out: %s", len(left_out), left_out
+                )
             sources = trial_sources(cfg, chosen, Path(tmp) / "members")
         dataset_uri = validation_dataset(cfg, sources)
         dataset_id = read_manifest(dataset_uri, cfg.storage).dataset_id

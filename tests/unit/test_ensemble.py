@@ -72,6 +72,10 @@ def test_select_members_takes_best_of_each_architecture_first():
     chosen = select_members(trials, 2)
     assert [(t.model, t.lr) for t in chosen] == [("a", 1), ("b", 1)]
     assert len(select_members(trials, 5)) == 3
+    # A trial at chance is no member, however diverse its architecture.
+    at_chance = [*trials, trial("vit", 0.52, 1)]
+    assert "vit" in {t.model for t in select_members(at_chance, 5)}
+    assert "vit" not in {t.model for t in select_members(at_chance, 5, min_val_auc=0.6)}
 
 
 def test_promotion_needs_a_better_figure_on_the_same_data_or_the_users_word():
