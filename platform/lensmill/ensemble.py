@@ -222,11 +222,13 @@ def _version_description(
                 f"validation ROC AUC {a:.4f}"
                 for m, a in zip(members, member_aucs, strict=True)
             ),
+            "",  # ends the Markdown list the registry page renders
             f"Validation: ROC AUC {val_auc:.4f}, {obj} {search['val_objective']:.4f} "
             f"(equal weights {search['equal_weights_val_objective']:.4f}, "
             f"best member {search['best_member_val_objective']:.4f}); temperature {temperature:.3f}; "
             f"threshold {operating['threshold']:.4f} ({point.kind} {point.value:g}: "
             f"validation TPR {operating['val_tpr']:.3f}, FPR {operating['val_fpr']:.4f}).",
+            "",
             f"Promotion: {why}.",
         ]
     )

@@ -71,7 +71,7 @@ def run_plain_loop(
             loss = loss_fn(model(xb).squeeze(-1), ys[idx])
             loss.backward()
             opt.step()
-            total += float(loss) * len(idx)
+            total += loss.item() * len(idx)
         log.info("plain loop epoch %d: loss %.4f", epoch, total / len(ys))
     model.eval()
     with torch.inference_mode():
