@@ -53,7 +53,16 @@ def select_members(
     """Best usable trial of each architecture first (diversity), then the next best overall; a trial
     below ``min_val_auc`` on validation (one that learnt nothing, such as an architecture ASHA
     stopped at chance) is no member."""
-    usable = sorted((t for t in trials if t.usable and t.val_auc >= min_val_auc), key=lambda t: -t.val_auc)
+    ranked = sorted((t for t in trials if t.usable), key=lambda t: -t.val_auc)
+    usable = [t for t in ranked if t.val_auc >= min_val_auc]
+    if ranked and not usable:
+        # Nothing reaches the bar (a smoke run on a handful of images): the best trial alone.
+        log.warning(
+            "no trial reaches val AUC %.3g: the best (%.3g) is the only member",
+            min_val_auc,
+            ranked[0].val_auc,
+        )
+        return ranked[:1]
     firsts: dict[str, TrialResult] = {}
     for t in usable:
         firsts.setdefault(t.model, t)
@@ -284,11 +293,13 @@ def build_ensemble(cfg: Config, promote: bool = False) -> dict[str, Any]:
                 t.summary for t in select_members(trials, e.max_members, e.min_member_val_auc) if t.summary
             ]
             if not chosen:
-                raise RuntimeError(
-                    f"no usable trial reaches ensemble.min_member_val_auc={e.min_member_val_auc} "
-                    "to build an ensemble from"
-                )
-            left_out = [t.run_name for t in trials if t.usable and t.val_auc < e.min_member_val_auc]
+                raise RuntimeError("no usable trials to build an ensemble from")
+            taken = {c.run_name for c in chosen}
+            left_out = [
+                t.run_name
+                for t in trials
+                if t.usable and t.val_auc < e.min_member_val_auc and t.run_name not in taken
+            ]
             if left_out:
                 log.info(
                     "ensemble: %d trial(s) below min_member_val_auc left out: %s", len(left_out), left_out

@@ -76,6 +76,8 @@ def test_select_members_takes_best_of_each_architecture_first():
     at_chance = [*trials, trial("vit", 0.52, 1)]
     assert "vit" in {t.model for t in select_members(at_chance, 5)}
     assert "vit" not in {t.model for t in select_members(at_chance, 5, min_val_auc=0.6)}
+    # Nothing reaches the bar: the best trial alone, rather than no ensemble.
+    assert [(t.model, t.val_auc) for t in select_members(at_chance, 5, min_val_auc=0.995)] == [("a", 0.99)]
 
 
 def test_promotion_needs_a_better_figure_on_the_same_data_or_the_users_word():
