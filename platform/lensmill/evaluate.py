@@ -172,6 +172,10 @@ def _mlflow_scalars(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def _fmt(bound: float | None) -> str:
+    return "n/a" if bound is None else f"{bound:.4f}"
+
+
 def evaluate(cfg: Config) -> dict[str, Any]:
     """Score the ``@champion`` ensemble on the test split of ``cfg``'s dataset; files to storage + MLflow.
 
@@ -235,6 +239,17 @@ def evaluate(cfg: Config) -> dict[str, Any]:
             # ... and to MLflow.
             tracking.log_metrics(cfg, run_id, _mlflow_scalars(metrics))
             tracking.log_artifacts(cfg, run_id, paths, "evaluation")
+            if loaded.source == "mlflow":
+                lo, hi = metrics["roc_auc_ci95"]
+                t_lo, t_hi = metrics["tpr10_ci95"]
+                line = (
+                    f"{tracking.TEST_LINE_PREFIX}{len(labels)} images of dataset {dataset_id}): "
+                    f"ROC AUC {metrics['roc_auc']:.4f} [{_fmt(lo)}, {_fmt(hi)}], "
+                    f"TPR10 {metrics['tpr10']:.3f} [{_fmt(t_lo)}, {_fmt(t_hi)}], accuracy "
+                    f"{metrics['accuracy']:.3f} at threshold {predictor.threshold:.4f}; "
+                    f"evaluation run {run_id}."
+                )
+                tracking.describe_test_figures(cfg, loaded.name, loaded.version, line)
     return {
         "metrics": metrics,
         "results": table,

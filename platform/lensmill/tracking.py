@@ -274,6 +274,20 @@ def register_ensemble(
     }
 
 
+TEST_LINE_PREFIX = "Test ("
+
+
+def describe_test_figures(cfg: Config, name: str, version: str, line: str) -> None:
+    """Put the evaluation's test figures in a registered version's description (replacing those of
+    an earlier evaluation), so the registry page shows validation and test figures together."""
+    c = client(cfg)
+    kept = [ln for ln in (c.get_model_version(name, version).description or "").split("\n")]
+    kept = [ln for ln in kept if not ln.startswith(TEST_LINE_PREFIX)]
+    while kept and not kept[-1].strip():
+        kept.pop()
+    c.update_model_version(name, version, description="\n".join([*kept, "", line]))
+
+
 def download_champion(cfg: Config, dst_dir: Path) -> dict[str, Any]:
     """Fetch the ensemble behind ``models:/<name>@<alias>``; returns its local path, name and version."""
     return download_version(cfg, cfg.tracking.registered_model, f"@{cfg.tracking.alias}", dst_dir)

@@ -63,6 +63,15 @@ def test_named_runs_at_two_scales_round_trip_through_the_registry(runs, tmp_path
     np.testing.assert_allclose(loaded_probs, ray_data_probs, atol=1e-6)
     assert ray_data_probs.std(axis=0).min() > 0  # trained members, not constants
 
+    # An evaluation's test figures join the description; a second evaluation replaces them.
+    for auc in ("0.9000", "0.9100"):
+        tracking.describe_test_figures(
+            cfg, "members-test", result["version"], f"Test (8 images): ROC AUC {auc}"
+        )
+    description = tracking.client(cfg).get_model_version("members-test", result["version"]).description
+    assert description.startswith("Ensemble of 2 members") and description.count("Test (") == 1
+    assert description.endswith("\n\nTest (8 images): ROC AUC 0.9100")
+
 
 def test_a_registered_version_lends_its_members(runs, tmp_path) -> None:
     overrides, names = runs

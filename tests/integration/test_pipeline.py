@@ -96,6 +96,8 @@ def test_champion_is_registered_with_its_lineage(smoke):
     # What a reviewer reads in the registry: a description and the lineage as version tags.
     assert mv.description.startswith("Ensemble of 2 members on dataset " + smoke["summary"]["dataset_id"])
     assert "Promotion:" in mv.description and "threshold" in mv.description
+    # The evaluation's test figures, added by the evaluate stage (the pipeline evaluates this version).
+    assert "\nTest (" in mv.description and "ROC AUC" in mv.description.split("\nTest (")[1]
     assert mv.tags["dataset_id"] == smoke["summary"]["dataset_id"] and mv.tags["config_hash"]
     # The sweep's parent run holds its results table.
     tune_runs = c.search_runs([run.info.experiment_id], "tags.`lensmill.stage` = 'tune'")
