@@ -87,7 +87,11 @@ def _run_source(cfg: Config, index: int, name: str, dst: Path) -> list[MemberSou
 
 def _registry_source(cfg: Config, index: int, uri: str, dst: Path) -> list[MemberSource]:
     rest = uri[len("models:/") :]
-    name, ref = (rest.split("@", 1)[0], "@" + rest.split("@", 1)[1]) if "@" in rest else rest.rsplit("/", 1)
+    if "@" in rest:
+        name, alias = rest.split("@", 1)
+        ref = "@" + alias
+    else:
+        name, _, ref = rest.rpartition("/")
     if not name or ref in ("", "@"):
         raise ConfigError(f"ensemble.members[{index}]: {uri!r} names no version (models:/<name>/<version>)")
     try:
@@ -172,7 +176,8 @@ def validation_probabilities(
     sc = cfg.scoring
     columns, labels, row_ids = [], None, None
     for j, s in enumerate(sources):
-        in_chans = int(load_classifier(s.file)[1]["in_chans"])
+        blob = s.file.read_bytes()  # read once: checked here, scored from the object store
+        in_chans = int(load_classifier(io.BytesIO(blob))[1]["in_chans"])
         if in_chans != shape[0]:
             raise ConfigError(
                 f"member {s.name!r} ({s.source}) takes {in_chans} band(s); dataset {manifest.dataset_id} "
@@ -182,7 +187,7 @@ def validation_probabilities(
         scored = read_shards(dataset_uri, "val", cfg.storage).map_batches(
             MemberScorer,
             fn_constructor_kwargs={
-                "member": ray.put(s.file.read_bytes()),
+                "member": ray.put(blob),
                 "image_shape": shape,
                 "tta": cfg.ensemble.tta,
                 "on_gpu": sc.gpus_per_actor > 0,

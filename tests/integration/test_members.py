@@ -98,6 +98,7 @@ def test_a_registered_version_lends_its_members(runs, tmp_path) -> None:
         ("run:no-such-run", r"ensemble.members\[0\]: no finished run 'no-such-run'"),
         ("models:/members-test/999", r"ensemble.members\[0\]: no model members-test/999 in the registry"),
         ("models:/members-test@nobody", r"ensemble.members\[0\]: no model members-test@nobody"),
+        ("models:/members-test", r"ensemble.members\[0\]: 'models:/members-test' names no version"),
     ],
 )
 def test_a_member_that_is_not_there_is_named(runs, source: str, message: str) -> None:
