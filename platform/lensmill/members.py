@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import io
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,13 +44,12 @@ class MemberSource:
     lr: float | None = None
     mlflow_run_id: str | None = None
     dataset_uri: str | None = None  # the data it was trained on, when known
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def load(self) -> Member:
         """The member, ready to score, with its origin in the metadata ``ensemble.json`` keeps."""
         model, meta = load_classifier(self.file)
         meta = {k: v for k, v in meta.items() if k not in ("epoch",)}
-        return Member(self.name, model, 1.0, meta | {"source": self.source, "lr": self.lr} | self.extra)
+        return Member(self.name, model, 1.0, meta | {"source": self.source, "lr": self.lr})
 
 
 def _from_summary(cfg: Config, s: RunSummary, dst: Path) -> MemberSource:

@@ -97,7 +97,7 @@ def run_accuracy_bench(
 ) -> dict[str, Any]:
     """Baseline and platform test figures on one foreign set, JSON-ready. Needs Ray (the CLI starts it)."""
     from lensmill.bench.foreign import write_foreign_set
-    from lensmill.bench.train import _bench_config
+    from lensmill.bench.train import bench_config
     from lensmill.ensemble import build_ensemble
     from lensmill.evaluate import evaluate
     from lensmill.importer import import_cutouts
@@ -116,7 +116,7 @@ def run_accuracy_bench(
             test[1], run_plain_loop(train, test, epochs, cfg.train.seed), 0.5, cfg.evaluate.seed
         )
 
-        bench = _bench_config(cfg, root, dataset_uri, epochs)
+        bench = bench_config(cfg, root, dataset_uri, epochs)
         log.info(
             "bench accuracy: the default pipeline (tune %s, ensemble, evaluate)", list(bench.tune.models)
         )

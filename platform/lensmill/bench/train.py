@@ -103,7 +103,7 @@ def run_baseline(
         torch.set_num_threads(old_threads)
 
 
-def _bench_config(cfg: Config, root: str, dataset_uri: str, epochs: int) -> Config:
+def bench_config(cfg: Config, root: str, dataset_uri: str, epochs: int) -> Config:
     """The run's config with a throwaway storage root and MLflow store, and no fault drill, early
     stopping or retries (they would change what is timed)."""
     tree = cfg.model_dump(mode="json")
@@ -156,7 +156,7 @@ def run_train_bench(cfg: Config) -> dict[str, Any]:
     baseline = _steady(run_baseline(cfg, images, labels, norm, epochs, threads * t.num_workers))
 
     with tempfile.TemporaryDirectory(prefix="lensmill-bench-train-") as root:
-        bench_cfg = _bench_config(cfg, root, dataset_uri, epochs)
+        bench_cfg = bench_config(cfg, root, dataset_uri, epochs)
         log.info("bench train: platform (default data path)")
         platform = _platform(bench_cfg, None)
         log.info("bench train: platform with Ray Data streaming every epoch")
