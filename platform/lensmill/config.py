@@ -551,6 +551,11 @@ class TrainConfig(_Frozen):
     # The model's input scale: images resized to this many pixels a side (bilinear) before the
     # backbone, in training and wherever the model scores; None = the dataset's size.
     input_size_px: int | None = Field(None, ge=8, le=1024)
+    # The input stretch before standardisation. asinh (scaled at the noise level) suits sky-subtracted
+    # fluxes, heavy-tailed around zero; linear suits pixels already stretched for display (an 8-bit
+    # PNG's counts), which a second compressive stretch flattens where faint arcs meet bright light.
+    # auto: asinh when the training pixels include negative values (sky noise), linear otherwise.
+    stretch: Literal["auto", "asinh", "linear"] = "auto"
 
 
 # The train settings a Tune search space may sample; integer ones take a choice.
@@ -565,6 +570,7 @@ SWEEPABLE = (
     "epochs",
     "early_stopping_patience",
     "input_size_px",
+    "stretch",
 )
 _INTEGER_SETTINGS = ("batch_size", "epochs", "early_stopping_patience", "input_size_px")
 

@@ -18,6 +18,7 @@ training threads.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import tempfile
 import time
@@ -53,6 +54,7 @@ from lensmill.records import DatasetManifest, RunInfo, RunSummary, read_record, 
 from lensmill.shards import dataset_uri_for, decode_images, read_manifest, read_shards
 from lensmill.storage import StorageError, is_s3, join_uri, list_files, locate, read_json, write_json
 
+log = logging.getLogger(__name__)
 Scheduler = torch.optim.lr_scheduler.LRScheduler
 NORM_SAMPLE_ROWS = 4096
 # A worker keeps its decoded train + val shards in memory when they take at most this many bytes.
@@ -278,17 +280,26 @@ def _record_attempt(
 class Normalisation:
     """Per-channel input normalisation from the training split, stored with the model: (C,) each."""
 
-    scale: tuple[float, ...]  # noise scale of the asinh stretch
-    mean: tuple[float, ...]  # of the stretched pixels
+    scale: tuple[float, ...] | None  # noise scale of the asinh stretch; None: linear (no stretch)
+    mean: tuple[float, ...]  # of the (stretched) pixels
     std: tuple[float, ...]
 
-    def as_params(self) -> dict[str, list[float]]:
-        return {"norm_scale": list(self.scale), "norm_mean": list(self.mean), "norm_std": list(self.std)}
+    def as_params(self) -> dict[str, Any]:
+        return {
+            "norm_stretch": "asinh" if self.scale is not None else "linear",
+            "norm_scale": list(self.scale) if self.scale is not None else None,
+            "norm_mean": list(self.mean),
+            "norm_std": list(self.std),
+        }
 
     def classifier(self, model_name: str, input_size_px: int | None = None) -> LensClassifier:
-        return LensClassifier(
-            model_name, len(self.mean), list(self.mean), list(self.std), list(self.scale), input_size_px
-        )
+        scale = list(self.scale) if self.scale is not None else None
+        return LensClassifier(model_name, len(self.mean), list(self.mean), list(self.std), scale, input_size_px)
+
+
+# ``stretch: auto`` takes asinh when at least this share of the sampled training pixels is negative:
+# sky-subtracted images have about half their sky pixels below zero, display-stretched ones none.
+NEGATIVE_PIXEL_SHARE = 0.01
 
 
 @dataclass(frozen=True)
@@ -493,20 +504,33 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
 
 def norm_stats(dataset_uri: str, cfg: Config, shape: tuple[int, int, int]) -> Normalisation:
-    """Per-channel normalisation from a sample of training blocks (random block order, seeded):
-    the noise scale (1.4826 x median absolute deviation: most pixels are sky) for the asinh stretch,
-    then the mean and std of the stretched pixels."""
+    """Per-channel normalisation from a sample of training blocks (random block order, seeded).
+
+    With the asinh stretch (``train.stretch``; ``auto`` picks it for sky-subtracted pixels, see
+    ``NEGATIVE_PIXEL_SHARE``): the noise scale (1.4826 x median absolute deviation: most pixels are
+    sky), then the mean and std of the stretched pixels. Linear: the mean and std of the pixels."""
     ds = read_shards(dataset_uri, "train", cfg.storage).randomize_block_order(seed=cfg.train.seed)
     batches = ds.limit(NORM_SAMPLE_ROWS).iter_batches(batch_size=1024, batch_format="numpy")
     x = np.concatenate([decode_images(b["image"], shape) for b in batches])  # (N, C, H, W)
     per_chan = x.transpose(1, 0, 2, 3).reshape(shape[0], -1).astype(np.float64)  # (C, N*H*W)
-    med = np.median(per_chan, axis=1, keepdims=True)
-    scale = np.maximum(1.4826 * np.median(np.abs(per_chan - med), axis=1), 1e-12)
-    stretched = np.arcsinh(per_chan / scale[:, None])
+    return normalisation_of(per_chan, cfg.train.stretch)
+
+
+def normalisation_of(per_chan: np.ndarray, stretch: str) -> Normalisation:
+    """``Normalisation`` of (C, P) sampled pixels for a ``train.stretch`` setting."""
+    if stretch == "auto":
+        stretch = "asinh" if np.mean(per_chan < 0) >= NEGATIVE_PIXEL_SHARE else "linear"
+        log.info("train.stretch auto: %s (%.1f%% of sampled pixels negative)", stretch,
+                 100 * np.mean(per_chan < 0))  # fmt: skip
+    scale = None
+    if stretch == "asinh":
+        med = np.median(per_chan, axis=1, keepdims=True)
+        scale = np.maximum(1.4826 * np.median(np.abs(per_chan - med), axis=1), 1e-12)
+        per_chan = np.arcsinh(per_chan / scale[:, None])
     return Normalisation(
-        scale=tuple(scale.tolist()),
-        mean=tuple(stretched.mean(axis=1).tolist()),
-        std=tuple(np.maximum(stretched.std(axis=1), 1e-6).tolist()),
+        scale=tuple(scale.tolist()) if scale is not None else None,
+        mean=tuple(per_chan.mean(axis=1).tolist()),
+        std=tuple(np.maximum(per_chan.std(axis=1), 1e-6).tolist()),
     )
 
 

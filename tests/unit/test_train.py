@@ -11,7 +11,13 @@ from lensmill.models import (
     load_pretrained,
     save_classifier,
 )
-from lensmill.train import ShardBatches, dihedral_augment, plan_attempt, should_stop_early
+from lensmill.train import (
+    ShardBatches,
+    dihedral_augment,
+    normalisation_of,
+    plan_attempt,
+    should_stop_early,
+)
 
 
 def test_dihedral_augment_only_permutes_pixels_within_each_image():
@@ -150,6 +156,27 @@ def test_asinh_stretch_is_linear_in_the_noise_and_compresses_bright_cores():
     assert z[2] == pytest.approx(np.arcsinh(1000.0), rel=1e-5)  # a core 1000 sigma bright -> ~7.6
     plain = LensClassifier("tiny", 1, mean=[0.0], std=[1.0])
     assert torch.equal(plain.normalise(x), x)
+
+
+def test_stretch_auto_is_asinh_for_sky_subtracted_pixels_and_linear_for_display_counts(tmp_path):
+    rng = np.random.default_rng(0)
+    sky = rng.normal(0.0, 0.5, (2, 20_000))  # (C, P) sky-subtracted fluxes: noise around zero
+    sky[:, :100] += 500.0  # a few bright cores
+    fluxes = normalisation_of(sky, "auto")
+    assert fluxes.scale is not None and fluxes.scale[0] == pytest.approx(0.5, rel=0.05)
+    counts = np.round(rng.uniform(0, 255, (1, 20_000)))  # an 8-bit PNG's counts: never negative
+    display = normalisation_of(counts, "auto")
+    assert display.scale is None and display.as_params()["norm_stretch"] == "linear"
+    assert display.mean[0] == pytest.approx(counts.mean()) and display.std[0] == pytest.approx(counts.std())
+    assert normalisation_of(counts, "asinh").scale is not None  # the setting overrides the rule
+    assert normalisation_of(sky, "linear").scale is None
+    # The linear model standardises only, and keeps that through save and load.
+    m = display.classifier("tiny")
+    x = torch.full((1, 1, 8, 8), float(counts.mean()))
+    assert torch.allclose(m.normalise(x), torch.zeros_like(x), atol=1e-5)
+    save_classifier(m, tmp_path / "m.pt")
+    loaded, meta = load_classifier(tmp_path / "m.pt")
+    assert meta["norm_scale"] is None and not loaded.stretch
 
 
 def _h(*aucs: float) -> list[dict]:
