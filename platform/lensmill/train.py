@@ -294,7 +294,9 @@ class Normalisation:
 
     def classifier(self, model_name: str, input_size_px: int | None = None) -> LensClassifier:
         scale = list(self.scale) if self.scale is not None else None
-        return LensClassifier(model_name, len(self.mean), list(self.mean), list(self.std), scale, input_size_px)
+        return LensClassifier(
+            model_name, len(self.mean), list(self.mean), list(self.std), scale, input_size_px
+        )
 
 
 # ``stretch: auto`` takes asinh when at least this share of the sampled training pixels is negative:
