@@ -726,7 +726,20 @@ class EvaluateConfig(_Frozen):
     calibration_bins: int = Field(15, ge=2)
     # Completeness is reported in this many bins of Einstein radius and of arc S/N.
     completeness_bins: int = Field(6, ge=1)
+    # Purity at a survey's prevalence (the test split re-weighted): lenses per galaxy (1 in 1,000
+    # is about the rate of galaxy-scale lenses in a deep survey), the survey's size and the top-N
+    # lists whose expected false positives are reported.
+    prevalence: float = Field(1e-3, gt=0, lt=1)
+    survey_galaxies: int = Field(1_000_000, ge=1)
+    top_n: tuple[int, ...] = (100, 1000, 10000)
     seed: int = 0
+
+    @field_validator("top_n")
+    @classmethod
+    def _positive(cls, top_n: tuple[int, ...]) -> tuple[int, ...]:
+        if not top_n or min(top_n) < 1:
+            raise ValueError("top_n must list at least one positive count")
+        return top_n
 
 
 class TrackingConfig(_Frozen):

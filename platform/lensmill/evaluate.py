@@ -25,6 +25,7 @@ from lensmill.metrics import (
     completeness_table,
     compute_metrics,
     expected_calibration_error,
+    purity_at_prevalence,
     reliability_table,
 )
 from lensmill.shards import dataset_uri_for, load_split
@@ -75,6 +76,8 @@ def write_report(
         ),
         plots.plot_reliability(labels, curves, out_dir / "reliability.png", n_bins),
     ]
+    if "survey" in metrics:
+        paths.append(plots.plot_purity(metrics["survey"], out_dir / "purity_at_prevalence.png"))
     for column, table_rows in metrics.get("completeness", {}).items():
         xlabel = COMPLETENESS_COLUMNS.get(column, column)
         path = out_dir / f"completeness_{column}.png"
@@ -117,6 +120,14 @@ def evaluation_metrics(
             column: completeness_table(labels, p_lens, values, threshold, settings.completeness_bins)
             for column, values in params.items()
         },
+        "survey": purity_at_prevalence(
+            labels,
+            p_lens,
+            settings.prevalence,
+            survey_galaxies=settings.survey_galaxies,
+            top_n=settings.top_n,
+            threshold=threshold,
+        ),  # fmt: skip
     }
     return metrics
 
@@ -162,8 +173,17 @@ def results_markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def _mlflow_scalars(metrics: dict[str, Any]) -> dict[str, float]:
-    """The numbers worth a metric in MLflow: top-level scalars and the interval bounds."""
+    """The numbers worth a metric in MLflow: top-level scalars, the interval bounds and the figures
+    at survey prevalence."""
     out = {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    survey = metrics["survey"]
+    conservative = survey["completeness_at_purity_conservative"]
+    for q, value in survey["completeness_at_purity"].items():
+        out[f"survey_completeness_at_purity_{q}"] = value
+        out[f"survey_completeness_at_purity_{q}_conservative"] = conservative[q]
+    out["survey_purity_at_threshold"] = survey["purity_at_threshold"]
+    for row in survey["top_n"]:
+        out[f"survey_false_positives_top{row['top_n']}"] = row["expected_false_positives"]
     for name in ("roc_auc", "accuracy", *TPR_FP):
         for bound in ("low", "high"):
             value = metrics["bootstrap"][name][bound]
@@ -222,6 +242,8 @@ def evaluate(cfg: Config) -> dict[str, Any]:
                 "roc_auc_ci95": metrics["roc_auc_ci95"],
                 "accuracy_ci95": metrics["accuracy_ci95"],
                 "files_uri": files_uri,
+                # At the survey's prevalence (evaluate.prevalence), without the curve.
+                "survey": {k: v for k, v in metrics["survey"].items() if k != "curve"},
             }
             # Each member alone (its own probability, cut at 0.5) next to the ensemble (calibrated,
             # cut at its operating threshold): the ROC AUC and TPR10 columns compare like with like.

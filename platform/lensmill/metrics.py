@@ -347,3 +347,110 @@ def completeness_table(
             }
         )
     return rows
+
+
+def purity_at_prevalence(
+    labels: Any,
+    probs: Any,
+    prevalence: float = 1e-3,
+    *,
+    survey_galaxies: int = 1_000_000,
+    top_n: tuple[int, ...] = (100, 1000, 10000),
+    purity_targets: tuple[float, ...] = (0.5, 0.9),
+    threshold: float = 0.5,
+) -> dict[str, Any]:
+    """Purity against completeness on a labelled set re-weighted to a survey's ``prevalence``.
+
+    A test split holds lenses and non-lenses in some mix (often half and half); a survey holds about
+    one lens in ``1 / prevalence`` galaxies. The true- and false-positive rates do not depend on the
+    mix, so at each score threshold ``purity = pi TPR / (pi TPR + (1 - pi) FPR)`` with ``pi`` the
+    survey's prevalence. The FPR of a finite set of non-lenses is resolved only to ``1 / N_neg``: the
+    conservative purity uses the upper end of the FPR's 95% Clopper-Pearson interval (a threshold
+    with no false positive in the set still has an FPR below ~3.7 / N_neg), and every figure comes in
+    both versions.
+
+    Returned: the curve (completeness, purity, conservative purity, threshold; at most ~200 points),
+    the completeness at each purity target, the purity at ``threshold``, and for the top N of a
+    survey of ``survey_galaxies`` galaxies ranked by score, the expected lenses and false positives.
+    """
+    from scipy.stats import beta
+    from sklearn.metrics import roc_curve
+
+    if not 0 < prevalence < 1:
+        raise ValueError(f"prevalence must lie in (0, 1), got {prevalence}")
+    y, p = check_arrays(labels, probs)
+    n_neg = int(np.count_nonzero(y == 0))
+    fpr, tpr, thr = roc_curve(y, p, drop_intermediate=False)
+    fp = np.rint(fpr * n_neg)
+    # One-sided 97.5% upper bound of the FPR from the false-positive count (1.0 at fp = n_neg).
+    fpr_high = np.where(fp < n_neg, beta.ppf(0.975, fp + 1, np.maximum(n_neg - fp, 1)), 1.0)
+    pi = float(prevalence)
+
+    def purity(rate: np.ndarray) -> np.ndarray:
+        num = pi * tpr
+        den = num + (1 - pi) * rate
+        return np.divide(num, den, out=np.zeros_like(num), where=den > 0)
+
+    pur, pur_low = purity(fpr), purity(fpr_high)
+    keep = tpr > 0  # the first ROC point selects nothing: no purity
+    c, pur, pur_low, t, fpr_k = tpr[keep], pur[keep], pur_low[keep], thr[keep], fpr[keep]
+
+    def completeness_at(target: float, curve: np.ndarray) -> float:
+        ok = curve >= target
+        return float(c[ok].max()) if ok.any() else 0.0
+
+    # Expected selections in the survey along the ROC points (non-decreasing), then the top N by
+    # interpolating between points (randomising between two thresholds reaches any point between).
+    s = float(survey_galaxies)
+    selected = s * (pi * c + (1 - pi) * fpr_k)
+    # From the origin (nothing selected) along the ROC points.
+    sel = np.r_[0.0, selected]
+    lenses, falses = np.r_[0.0, pi * s * c], np.r_[0.0, (1 - pi) * s * fpr_k]
+    rows = []
+    for n in top_n:
+        lens, false = float(np.interp(n, sel, lenses)), float(np.interp(n, sel, falses))
+        rows.append(
+            {
+                "top_n": int(n),
+                "threshold": float(t[min(int(np.searchsorted(selected, n)), t.size - 1)]),
+                "expected_lenses": lens,
+                "expected_false_positives": false,
+                "purity": lens / (lens + false) if lens + false > 0 else 0.0,
+            }
+        )
+    at = p >= threshold
+    tpr_t = float(np.mean(at[y == 1]))
+    fp_t = int(np.count_nonzero(at[y == 0]))
+    fpr_t = fp_t / n_neg
+    fpr_t_high = float(beta.ppf(0.975, fp_t + 1, max(n_neg - fp_t, 1))) if fp_t < n_neg else 1.0
+
+    def point_purity(rate: float) -> float:
+        return pi * tpr_t / (pi * tpr_t + (1 - pi) * rate) if tpr_t > 0 else 0.0
+
+    step = max(1, c.size // 200)
+    idx = np.unique(np.r_[np.arange(0, c.size, step), c.size - 1])
+    return {
+        "prevalence": pi,
+        "test_prevalence": float(np.mean(y)),
+        "n_negatives": n_neg,
+        "survey_galaxies": int(survey_galaxies),
+        "completeness_at_purity": {f"{q:g}": completeness_at(q, pur) for q in purity_targets},
+        "completeness_at_purity_conservative": {
+            f"{q:g}": completeness_at(q, pur_low) for q in purity_targets
+        },
+        "threshold": float(threshold),
+        "completeness_at_threshold": tpr_t,
+        "purity_at_threshold": point_purity(fpr_t),
+        "purity_at_threshold_conservative": point_purity(fpr_t_high),
+        "expected_false_positives_per_million_at_threshold": 1e6 * (1 - pi) * fpr_t,
+        "top_n": rows,
+        "curve": [
+            {
+                "threshold": float(t[i]),
+                "completeness": float(c[i]),
+                "purity": float(pur[i]),
+                "purity_conservative": float(pur_low[i]),
+            }
+            for i in idx
+        ],  # fmt: skip
+    }

@@ -189,6 +189,28 @@ def plot_completeness(
     return _save(fig, path)
 
 
+def plot_purity(table: dict[str, Any], path: Path, title: str = "") -> Path:
+    """Purity against completeness at a survey's prevalence (``metrics.purity_at_prevalence``), with
+    the conservative curve the test set's count of non-lenses can vouch for, to a PNG."""
+    fig = _new_figure(5.5, 4.2)
+    ax = fig.add_subplot()
+    curve = table["curve"]
+    c = [r["completeness"] for r in curve]
+    ax.plot(c, [r["purity"] for r in curve], lw=2, label="estimate")
+    ax.plot(c, [r["purity_conservative"] for r in curve], lw=1.5, ls="--",
+            label=f"conservative (FPR 97.5% bound, {table['n_negatives']} non-lenses)")  # fmt: skip
+    for q in (0.5, 0.9):
+        ax.axhline(q, color="grey", lw=0.8, ls=":")
+    ax.plot([table["completeness_at_threshold"]], [table["purity_at_threshold"]], "o", color="C3",
+            label=f"operating threshold {table['threshold']:.3g}")  # fmt: skip
+    one_in = round(1 / table["prevalence"])
+    ax.set(xlim=(0, 1.02), ylim=(0, 1.02), xlabel="Completeness (lenses found)", ylabel="Purity")
+    ax.set_title(title or f"Purity at a prevalence of 1 lens in {one_in:,} galaxies")
+    ax.legend(loc="lower left", fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
 def plot_parallel_coordinates(rows: list[dict[str, Any]], params: list[str], metric: str, path: Path) -> Path:
     """A sweep as parallel coordinates: one line per trial through its settings (``params``, each
     axis scaled to its own range; names and switches as categories, learning rates and weight decays

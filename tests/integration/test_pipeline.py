@@ -73,6 +73,12 @@ def test_pipeline_summary_has_every_stage(smoke):
     assert all(r["roc_auc_ci95"][0] <= r["roc_auc"] <= r["roc_auc_ci95"][1] for r in rows)
     for key in ("accuracy", "roc_auc", "precision", "recall", "f1"):
         assert 0.0 <= s["test_metrics"][key] <= 1.0
+    # Purity at survey prevalence (1 lens in 1,000): the test split re-weighted, never above the
+    # purity the test split's own mix gives at the same threshold.
+    survey = s["test_metrics"]["survey"]
+    assert survey["prevalence"] == 1e-3 and 0 < survey["n_negatives"] < 64
+    assert survey["purity_at_threshold_conservative"] <= survey["purity_at_threshold"]
+    assert survey["purity_at_threshold"] <= s["test_metrics"]["precision"] + 1e-9
     assert s["model_uri"] == "models:/lens-ensemble@champion"
     assert s["endpoint"].startswith("http://127.0.0.1:")
     assert len(s["served"]) == 6

@@ -21,6 +21,7 @@ from lensmill.metrics import (
     compute_metrics,
     expected_calibration_error,
     fit_temperature,
+    purity_at_prevalence,
     reliability_table,
     tpr_at_max_fp,
 )
@@ -28,6 +29,7 @@ from lensmill.plots import (
     plot_completeness,
     plot_confusion,
     plot_pr,
+    plot_purity,
     plot_reliability,
     plot_roc,
     plot_score_histogram,
@@ -390,6 +392,7 @@ def test_evaluation_metrics_are_json_and_hold_every_section(scored) -> None:
     assert m["temperature"] == 1.5 and m["calibration_bins"] == 10 and len(m["reliability"]) == 10
     assert m["roc_auc_ci95"][0] < m["roc_auc"] < m["roc_auc_ci95"][1]
     assert len(m["completeness"]["theta_e_arcsec"]) == 4
+    assert m["survey"]["prevalence"] == 1e-3 and len(m["survey"]["top_n"]) == 3
     assert json.loads(json.dumps(m)) == m
 
 
@@ -449,3 +452,56 @@ def test_results_table_has_each_member_and_the_ensemble_with_intervals() -> None
     md = results_markdown(rows).splitlines()
     assert md[0].startswith("| model | threshold |") and len(md) == 5
     assert md[4].startswith("| ensemble | 0.600 | ") and "[" in md[4]
+
+
+def test_purity_at_the_test_sets_own_prevalence_is_its_precision(scored) -> None:
+    labels, probs = scored
+    table = purity_at_prevalence(labels, probs, float(labels.mean()), threshold=0.5)
+    assert table["purity_at_threshold"] == pytest.approx(skm.precision_score(labels, probs >= 0.5))
+    assert table["completeness_at_threshold"] == pytest.approx(skm.recall_score(labels, probs >= 0.5))
+    # Rarer lenses: the same completeness, a lower purity, and the conservative figure lower still.
+    rare = purity_at_prevalence(labels, probs, 1e-3, threshold=0.5)
+    assert rare["completeness_at_threshold"] == table["completeness_at_threshold"]
+    low, estimate = rare["purity_at_threshold_conservative"], rare["purity_at_threshold"]
+    assert low < estimate < table["purity_at_threshold"]
+    pur = [r["purity"] for r in rare["curve"]]
+    assert all(0 <= r["purity_conservative"] <= r["purity"] <= 1 for r in rare["curve"])
+    assert max(pur) > min(pur)
+
+
+def test_purity_is_limited_by_how_many_non_lenses_vouch_for_it() -> None:
+    # Perfect separation: the estimate is pure everywhere, but 1,000 non-lenses bound the FPR only
+    # below ~3.7e-3, which at 1 lens in 1,000 allows a purity of ~0.21; 100,000 allow ~0.96.
+    for n_neg, conservative in ((1000, 0.0), (100_000, 1.0)):
+        labels = np.r_[np.ones(500), np.zeros(n_neg)].astype(int)
+        probs = np.r_[np.linspace(0.6, 1.0, 500), np.linspace(0.0, 0.4, n_neg)]
+        t = purity_at_prevalence(labels, probs, 1e-3, survey_galaxies=1_000_000, top_n=(100, 10_000))
+        assert t["completeness_at_purity"] == {"0.5": 1.0, "0.9": 1.0}
+        assert t["completeness_at_purity_conservative"]["0.9"] == conservative
+        top100, top10k = t["top_n"]
+        # 1,000 lenses in the survey: the top 100 are all lenses; the top 10,000 hold all 1,000.
+        assert top100["expected_lenses"] == pytest.approx(100) and top100["expected_false_positives"] == 0
+        assert top10k["expected_lenses"] == pytest.approx(1000, rel=1e-6)
+        assert top10k["expected_false_positives"] == pytest.approx(9000, rel=1e-6)
+    with pytest.raises(ValueError, match="prevalence"):
+        purity_at_prevalence(labels, probs, 0.0)
+
+
+def test_top_n_false_positives_by_hand() -> None:
+    # 2 lenses at 0.9 and 0.7, 4 non-lenses at 0.8, 0.3, 0.2, 0.1; prevalence 0.1, 1,000 galaxies:
+    # 100 lenses, 900 non-lenses. Above 0.9: 50 lenses; above 0.8: 50 lenses + 225 non-lenses.
+    labels = np.array([1, 1, 0, 0, 0, 0])
+    probs = np.array([0.9, 0.7, 0.8, 0.3, 0.2, 0.1])
+    t = purity_at_prevalence(labels, probs, 0.1, survey_galaxies=1000, top_n=(50, 100))
+    first, second = t["top_n"]
+    assert (first["expected_lenses"], first["expected_false_positives"]) == pytest.approx((50, 0))
+    # The top 100: halfway (by count) from 50 selected to 275 selected is 50 more, 2/9 of the step.
+    assert second["expected_lenses"] == pytest.approx(50)
+    assert second["expected_false_positives"] == pytest.approx(50)
+    assert t["purity_at_threshold"] == pytest.approx(0.1 * 1.0 / (0.1 * 1.0 + 0.9 * 0.25))
+
+
+def test_purity_plot_writes_a_png(scored, tmp_path: Path) -> None:
+    labels, probs = scored
+    path = plot_purity(purity_at_prevalence(labels, probs), tmp_path / "purity.png")
+    assert path.read_bytes()[:8] == PNG_MAGIC
