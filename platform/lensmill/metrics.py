@@ -371,7 +371,8 @@ def purity_at_prevalence(
 
     Returned: the curve (completeness, purity, conservative purity, threshold; at most ~200 points),
     the completeness at each purity target, the purity at ``threshold``, and for the top N of a
-    survey of ``survey_galaxies`` galaxies ranked by score, the expected lenses and false positives.
+    survey of ``survey_galaxies`` galaxies ranked by score, the expected lenses and false positives
+    (and the false positives at the FPR's bound).
     """
     from scipy.stats import beta
     from sklearn.metrics import roc_curve
@@ -393,7 +394,8 @@ def purity_at_prevalence(
 
     pur, pur_low = purity(fpr), purity(fpr_high)
     keep = tpr > 0  # the first ROC point selects nothing: no purity
-    c, pur, pur_low, t, fpr_k = tpr[keep], pur[keep], pur_low[keep], thr[keep], fpr[keep]
+    c, pur, pur_low, t = tpr[keep], pur[keep], pur_low[keep], thr[keep]
+    fpr_k, fpr_high_k = fpr[keep], fpr_high[keep]
 
     def completeness_at(target: float, curve: np.ndarray) -> float:
         ok = curve >= target
@@ -406,6 +408,7 @@ def purity_at_prevalence(
     # From the origin (nothing selected) along the ROC points.
     sel = np.r_[0.0, selected]
     lenses, falses = np.r_[0.0, pi * s * c], np.r_[0.0, (1 - pi) * s * fpr_k]
+    falses_high = np.r_[0.0, (1 - pi) * s * fpr_high_k]
     rows = []
     for n in top_n:
         lens, false = float(np.interp(n, sel, lenses)), float(np.interp(n, sel, falses))
@@ -415,6 +418,8 @@ def purity_at_prevalence(
                 "threshold": float(t[min(int(np.searchsorted(selected, n)), t.size - 1)]),
                 "expected_lenses": lens,
                 "expected_false_positives": false,
+                # At the same thresholds, with the FPR's 97.5% bound: what the test set rules out.
+                "false_positives_conservative": float(np.interp(n, sel, falses_high)),
                 "purity": lens / (lens + false) if lens + false > 0 else 0.0,
             }
         )

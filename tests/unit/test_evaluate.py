@@ -481,6 +481,9 @@ def test_purity_is_limited_by_how_many_non_lenses_vouch_for_it() -> None:
         top100, top10k = t["top_n"]
         # 1,000 lenses in the survey: the top 100 are all lenses; the top 10,000 hold all 1,000.
         assert top100["expected_lenses"] == pytest.approx(100) and top100["expected_false_positives"] == 0
+        # ... which the set can vouch for only up to its FPR bound, 1 - 0.025^(1/n_neg) ~ 3.7/n_neg.
+        bound = 1 - 0.025 ** (1 / n_neg)
+        assert top100["false_positives_conservative"] == pytest.approx(0.999e6 * bound, rel=1e-3)
         assert top10k["expected_lenses"] == pytest.approx(1000, rel=1e-6)
         assert top10k["expected_false_positives"] == pytest.approx(9000, rel=1e-6)
     with pytest.raises(ValueError, match="prevalence"):
