@@ -372,17 +372,39 @@ def bench_train(config: ConfigPath = None, overrides: Overrides = None) -> None:
 def predict(
     config: ConfigPath = None,
     overrides: Overrides = None,
-    split: Annotated[str, typer.Option(help="Dataset split to score.")] = "test",
-    dataset_uri: Annotated[str | None, typer.Option(help="Dataset to score (default: the config's).")] = None,
-    out: Annotated[str | None, typer.Option(help="Where to write the Parquet predictions.")] = None,
+    input_uri: Annotated[
+        str | None,
+        typer.Option(
+            "--input", "--dataset-uri",
+            help="What to score: a lensmill dataset (its --split), a folder of PNG/FITS/NPY cutouts, a "
+            "list file (.txt) or a catalog (.csv/.parquet: object_id, ra, dec, path or path_<band>). "
+            "Default: the config's dataset.",
+        ),
+    ] = None,
+    output_uri: Annotated[
+        str | None, typer.Option("--output", "--out", help="Where to write the Parquet predictions.")
+    ] = None,
+    split: Annotated[str, typer.Option(help="Dataset split to score (lensmill datasets).")] = "test",
     model_dir: Annotated[
         Path | None, typer.Option(help="Score with a local ensemble folder instead of the MLflow champion.")
     ] = None,
-) -> None:
-    """Batch-score a dataset split with the champion on Ray Data: Parquet predictions."""
-    from lensmill.scoring import score_dataset
+) -> None:  # fmt: skip
+    """Batch-score with the champion on Ray Data: a dataset split, or a survey's unlabelled cutouts
+    (resumable; unreadable files recorded with their reason)."""
 
-    run_command(config, overrides, lambda cfg: score_dataset(cfg, split, dataset_uri, out, model_dir))
+    def fn(cfg: Config) -> dict[str, Any]:
+        from lensmill.catalog import CatalogError, score_catalog
+        from lensmill.layout import manifest_uri
+        from lensmill.scoring import score_dataset
+        from lensmill.storage import exists
+
+        if input_uri is None or exists(manifest_uri(input_uri), cfg.storage):
+            return score_dataset(cfg, split, input_uri, output_uri, model_dir)
+        if output_uri is None:
+            raise CatalogError(f"--output is needed to score {input_uri} (a folder, list or catalog)")
+        return score_catalog(cfg, input_uri, output_uri, model_dir)
+
+    run_command(config, overrides, fn)
 
 
 @app.command()

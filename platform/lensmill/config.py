@@ -788,6 +788,11 @@ class ScoringConfig(ActorPool):
     # > 0: each actor reserves this share of a GPU and scores on it.
     gpus_per_actor: float = Field(0.0, ge=0)
     batch_size: int = Field(256, ge=1)
+    # Catalog scoring writes its output in parts of this many cutouts (input order); an interrupted
+    # run resumes by scoring only the parts not yet written.
+    rows_per_part: int = Field(10_000, ge=1)
+    # Fault drill: stop with an error after writing this many parts, to exercise the resume.
+    fail_after_parts: int | None = Field(None, ge=1)
 
 
 class RayConfig(_Frozen):

@@ -333,6 +333,7 @@ class LoadedEnsemble:
     name: str
     version: str  # the registry version, or "local" for a folder
     source: str  # "mlflow" or "local"
+    path: Path  # the ensemble's folder (ensemble.json and the member files)
 
     @property
     def ref(self) -> str:
@@ -349,6 +350,7 @@ def load_ensemble(cfg: Config, download_dir: Path, model_dir: str | Path | None 
         predictor = EnsemblePredictor.load(Path(model_dir))
         info = predictor.info
         name = str(info.get("name") or cfg.tracking.registered_model)
-        return LoadedEnsemble(predictor, name, str(info.get("version") or "local"), "local")
+        return LoadedEnsemble(predictor, name, str(info.get("version") or "local"), "local", Path(model_dir))
     champ = download_champion(cfg, download_dir)
-    return LoadedEnsemble(EnsemblePredictor.load(champ["path"]), champ["name"], champ["version"], "mlflow")
+    path = Path(champ["path"])
+    return LoadedEnsemble(EnsemblePredictor.load(path), champ["name"], champ["version"], "mlflow", path)
