@@ -15,7 +15,7 @@ scores in an actor pool that grows with the cluster (``scoring.*``; GPU actors w
 in input order) at a time, each atomically, so an interrupted run resumes by scoring only the parts
 not written. Output, under ``--output``: ``part-00000.parquet`` ... with ``object_id``, ``ra``,
 ``dec``, the path columns, ``p_lens``, ``label`` (at the model's stored threshold), ``spread``,
-``p_member_<j>`` and ``error``; and ``catalog.json`` (inputs, model, member names, parts, counts).
+``p_member_<j>`` and ``error``; and ``_catalog.json`` (inputs, model, member names, parts, counts).
 A cutout that cannot be read or has the wrong shape gets its reason in ``error`` and null scores: it
 is never fatal and never dropped.
 
@@ -61,7 +61,8 @@ from lensmill.storage import (
 
 log = logging.getLogger(__name__)
 
-CATALOG_RECORD = "catalog.json"
+# Leading underscore: pyarrow, pandas and Spark skip it when they read the folder as a dataset.
+CATALOG_RECORD = "_catalog.json"
 FORMAT_VERSION = 1
 LIST_SUFFIXES = (".txt", ".lst")
 TABLE_SUFFIXES = (".csv", ".parquet")

@@ -345,11 +345,12 @@ def bench_accuracy(
     ] = None,
     images: Annotated[int, typer.Option(help="Cutouts in the foreign-style set.")] = 2000,
     epochs: Annotated[int, typer.Option(help="Epochs for both sides.")] = 10,
+    seeds: Annotated[int, typer.Option(help="Runs per side (train.seed, +1, ...).", min=1)] = 1,
 ) -> None:
     """The default pipeline against a plain PyTorch ResNet-18 loop on the same files (test ROC AUC)."""
     from lensmill.bench.accuracy import run_accuracy_bench
 
-    run_command(config, overrides, lambda cfg: run_accuracy_bench(cfg, input_dir, images, epochs))
+    run_command(config, overrides, lambda cfg: run_accuracy_bench(cfg, input_dir, images, epochs, seeds))
 
 
 @bench_app.command("train")

@@ -92,16 +92,52 @@ def _figures(labels: np.ndarray, p: np.ndarray, threshold: float, seed: int) -> 
     }
 
 
-def run_accuracy_bench(
-    cfg: Config, input_dir: Path | None = None, n_images: int = 2000, epochs: int = 10
-) -> dict[str, Any]:
-    """Baseline and platform test figures on one foreign set, JSON-ready. Needs Ray (the CLI starts it)."""
-    from lensmill.bench.foreign import write_foreign_set
+def _platform_side(cfg: Config, root: str, dataset_uri: str, test, epochs: int) -> dict[str, Any]:
+    """The default pipeline (tune, ensemble, evaluate) into its own storage root and MLflow store;
+    the champion's figures on the test arrays (p >= 0.5 like the baseline, and its own threshold)."""
     from lensmill.bench.train import bench_config
     from lensmill.ensemble import build_ensemble
     from lensmill.evaluate import evaluate
-    from lensmill.importer import import_cutouts
     from lensmill.tune import tune_architectures
+
+    bench = bench_config(cfg, root, dataset_uri, epochs)
+    log.info(
+        "bench accuracy: the default pipeline (tune %s, ensemble, evaluate), train.seed %d",
+        list(bench.tune.models), bench.train.seed,
+    )  # fmt: skip
+    tuned = tune_architectures(bench)
+    ens = build_ensemble(bench)
+    ev = evaluate(bench)
+    with tempfile.TemporaryDirectory() as dl:
+        predictor = tracking.load_ensemble(bench, Path(dl)).predictor
+        p_lens = predictor.predict(test[0])["p_lens"]
+    return _figures(test[1], p_lens, 0.5, cfg.evaluate.seed) | {
+        "seed": bench.train.seed,
+        "test_accuracy_at_threshold": round(float(np.mean((p_lens >= predictor.threshold) == test[1])), 4),
+        "threshold_from_validation": predictor.threshold,
+        "evaluate_roc_auc": round(float(ev["metrics"]["roc_auc"]), 4),
+        "members": [mb["name"] for mb in ens["members"]],
+        "weights": ens["ensemble_weights"],
+        "trials": [
+            {"model": t.model, "val_auc": t.summary.val_auc if t.summary else None} for t in tuned.trials
+        ],
+    }
+
+
+def _side(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    aucs = [r["test_roc_auc"] for r in runs]
+    return {"mean_test_roc_auc": round(float(np.mean(aucs)), 4), "test_roc_auc": aucs, "runs": runs}
+
+
+def run_accuracy_bench(
+    cfg: Config, input_dir: Path | None = None, n_images: int = 2000, epochs: int = 10, seeds: int = 1
+) -> dict[str, Any]:
+    """Baseline and platform test figures on one foreign set, JSON-ready; with ``seeds`` > 1 each
+    side runs that many times (``train.seed`` + 0, 1, ...: initialisation and data order), since at
+    10 epochs on ~2,000 cutouts one run's AUC moves by several hundredths with the seed alone.
+    Needs Ray (the CLI starts it)."""
+    from lensmill.bench.foreign import write_foreign_set
+    from lensmill.importer import import_cutouts
 
     with tempfile.TemporaryDirectory(prefix="lensmill-bench-accuracy-") as root:
         src = input_dir
@@ -111,43 +147,26 @@ def run_accuracy_bench(
             write_foreign_set(src, n_images, seed=cfg.sim.seed)
         dataset_uri, manifest = import_cutouts(src, None, cfg.storage.model_copy(update={"root": root}))
         train, test = (load_split(dataset_uri, s, cfg.storage)[:2] for s in ("train", "test"))
-        log.info("bench accuracy: plain loop, %d epochs on %d images", epochs, len(train[1]))
-        baseline = _figures(
-            test[1], run_plain_loop(train, test, epochs, cfg.train.seed), 0.5, cfg.evaluate.seed
-        )
-
-        bench = bench_config(cfg, root, dataset_uri, epochs)
-        log.info(
-            "bench accuracy: the default pipeline (tune %s, ensemble, evaluate)", list(bench.tune.models)
-        )
-        tuned = tune_architectures(bench)
-        ens = build_ensemble(bench)
-        ev = evaluate(bench)
-        # The champion on the same test arrays as the baseline, at p >= 0.5 like it (and at its own
-        # validation-chosen threshold).
-        with tempfile.TemporaryDirectory() as dl:
-            predictor = tracking.load_ensemble(bench, Path(dl)).predictor
-            p_lens = predictor.predict(test[0])["p_lens"]
-        platform = _figures(test[1], p_lens, 0.5, cfg.evaluate.seed) | {
-            "test_accuracy_at_threshold": round(
-                float(np.mean((p_lens >= predictor.threshold) == test[1])), 4
-            ),
-            "threshold_from_validation": predictor.threshold,
-            "evaluate_roc_auc": round(float(ev["metrics"]["roc_auc"]), 4),
-            "members": [mb["name"] for mb in ens["members"]],
-            "weights": ens["ensemble_weights"],
-            "trials": [
-                {"model": t.model, "val_auc": t.summary.val_auc if t.summary else None} for t in tuned.trials
-            ],
-        }
+        baseline, platform = [], []
+        for k in range(seeds):
+            seed = cfg.train.seed + k
+            log.info(
+                "bench accuracy: plain loop, %d epochs on %d images, seed %d", epochs, len(train[1]), seed
+            )
+            p = run_plain_loop(train, test, epochs, seed)
+            baseline.append(_figures(test[1], p, 0.5, cfg.evaluate.seed) | {"seed": seed})
+            seeded = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": seed})})
+            platform.append(_platform_side(seeded, f"{root}/seed-{seed}", dataset_uri, test, epochs))
+    base, plat = _side(baseline), _side(platform)
     return {
         "bench": "accuracy",
         "dataset": {"source": str(input_dir or "lensmill.bench.foreign"), "images": manifest.total_rows,
                     "image_shape": list(manifest.image_shape), "splits": manifest.splits},
         "epochs": epochs,
-        "baseline": baseline,
-        "platform": platform,
-        "auc_difference": round(platform["test_roc_auc"] - baseline["test_roc_auc"], 4),
+        "seeds": seeds,
+        "baseline": base,
+        "platform": plat,
+        "auc_difference": round(plat["mean_test_roc_auc"] - base["mean_test_roc_auc"], 4),
         "machine": machine(),
         "versions": versions(),
         "date": today(),
