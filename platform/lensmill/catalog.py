@@ -186,8 +186,11 @@ def read_catalog(input_uri: str, storage: StorageConfig) -> Catalog:
 # -- Ray Data stages -------------------------------------------------------------------------------
 
 
-def _decode_one(paths: list[str], shape: tuple[int, ...], storage: StorageConfig) -> np.ndarray:
-    """One object's bands -> (C, H, W) float32, or raise naming the file and the reason."""
+def decode_cutout(
+    paths: list[str], storage: StorageConfig, shape: tuple[int, ...] | None = None
+) -> np.ndarray:
+    """One object's files (one, or one per band) -> (C, H, W) float32, or ``ImageDecodeError``
+    naming the file and the reason (also when the shape is not ``shape``)."""
     arrays = []
     for path in paths:
         try:
@@ -200,7 +203,7 @@ def _decode_one(paths: list[str], shape: tuple[int, ...], storage: StorageConfig
         raise ImageDecodeError(
             paths[0], f"per-band files must hold one band each, got {[a.shape for a in arrays]}"
         )
-    if image.shape != shape:
+    if shape is not None and image.shape != shape:
         raise ImageDecodeError(
             paths[0], f"image shape {list(image.shape)} differs from the model's {list(shape)}"
         )
@@ -216,9 +219,8 @@ def decode_batch(
     images, errors = [], []
     for i in range(len(batch["object_id"])):
         try:
-            images.append(
-                _decode_one([str(batch[c][i]) for c in path_columns], tuple(shape), store).tobytes()
-            )
+            paths = [str(batch[c][i]) for c in path_columns]
+            images.append(decode_cutout(paths, store, tuple(shape)).tobytes())
             errors.append("")
         except ImageDecodeError as exc:
             images.append(b"")

@@ -409,6 +409,22 @@ def predict(
 
 
 @app.command()
+def candidates(
+    scores_uri: Annotated[str, typer.Argument(help="The --output of `lensmill predict --input ...`.")],
+    overrides: Overrides = None,
+    config: ConfigPath = None,
+    top: Annotated[int, typer.Option(help="How many of the best-ranked cutouts to show.", min=1)] = 64,
+    out: Annotated[
+        Path | None, typer.Option(help="Folder for candidates.png/.html (default: its _candidates).")
+    ] = None,
+) -> None:
+    """The top cutouts of a catalog scoring run by p_lens: a PNG grid and an HTML page, in MLflow."""
+    from lensmill.candidates import candidates as candidates_stage
+
+    run_command(config, overrides, lambda cfg: candidates_stage(cfg, scores_uri, top, out), ray=False)
+
+
+@app.command()
 def cost(
     config: ConfigPath = None,
     overrides: Overrides = None,

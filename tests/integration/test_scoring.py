@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -127,6 +129,19 @@ def test_a_folder_of_unlabelled_cutouts_with_a_corrupt_file_is_scored_and_resume
     labels = dict(zip(ids, table.column("label").to_pylist(), strict=True))
     assert [labels[n] for n in names] == expected["label"].tolist()
     assert all(errors[n] == "" for n in names)
+
+    # The best-ranked readable cutouts, drawn from their files, for inspection by eye (and MLflow).
+    from lensmill.candidates import candidates
+
+    shown = candidates(again, str(out), 5, tmp_path / "cands")
+    best = sorted(names, key=lambda n: -p_lens[n])[:5]
+    page = Path(shown["html"]).read_text()
+    assert shown["shown"] == 5 and shown["mlflow_run_id"]
+    assert [page.index(f"<td>{n}</td>") for n in best] == sorted(page.index(f"<td>{n}</td>") for n in best)
+    assert "broken.png" not in page and page.count("data:image/png;base64,") == 5
+    assert Path(shown["png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(CatalogError, match="not the output of a catalog scoring run"):
+        candidates(again, str(tmp_path / "cutouts"), 5)
 
     # Complete: a rerun scores nothing; another input into the same output is refused.
     assert (
