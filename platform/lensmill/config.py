@@ -780,6 +780,11 @@ class ServeConfig(_Frozen):
     max_batch_size: int = Field(32, ge=1)
     batch_wait_timeout_s: float = Field(0.01, ge=0)
     max_images_per_request: int = Field(256, ge=1)
+    # An API key for /v1/*, read when the endpoint is built: from this environment variable, or the
+    # first line of this file (the variable wins when both are set and it is). Clients send
+    # ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``; /healthz stays open. None and None: open.
+    api_key_env: str | None = None
+    api_key_file: str | None = None
 
 
 class ScoringConfig(ActorPool):

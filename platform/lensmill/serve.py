@@ -23,8 +23,11 @@ views inspect route signatures at runtime.
 import asyncio
 import base64
 import binascii
+import hashlib
+import hmac
 import json
 import logging
+import os
 import shlex
 import signal
 import tempfile
@@ -47,6 +50,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lensmill import __version__
 from lensmill.config import Config, ServeConfig, load_config
+from lensmill.errors import ConfigError
 from lensmill.images import (
     SUFFIXES,
     ImageDecodeError,
@@ -186,6 +190,54 @@ def decode_request(
     return images
 
 
+def api_key_digest(serve_cfg: ServeConfig) -> str | None:
+    """SHA-256 of the configured API key, or None when the endpoint is open. Only the digest goes to
+    the replicas (it is part of the deployment's arguments, which the dashboard shows)."""
+    key = None
+    if serve_cfg.api_key_env:
+        key = os.environ.get(serve_cfg.api_key_env) or None
+    if key is None and serve_cfg.api_key_file:
+        path = Path(serve_cfg.api_key_file).expanduser()
+        try:
+            lines = path.read_text().strip().splitlines()
+        except OSError as exc:
+            raise ConfigError(f"serve.api_key_file: cannot read {path}: {exc}") from None
+        key = lines[0].strip() if lines else None
+    if key is None and (serve_cfg.api_key_env or serve_cfg.api_key_file):
+        where = " or ".join(
+            w for w in (serve_cfg.api_key_env and f"${serve_cfg.api_key_env}", serve_cfg.api_key_file) if w
+        )
+        raise ConfigError(f"serve: an API key is configured but {where} holds none")
+    return hashlib.sha256(key.encode()).hexdigest() if key else None
+
+
+def check_api_key(headers: Any, digest: str | None) -> None:
+    """401 unless the request carries the key (``Authorization: Bearer`` or ``X-API-Key``)."""
+    if digest is None:
+        return
+    auth = headers.get("authorization", "")
+    given = auth[7:].strip() if auth.lower().startswith("bearer ") else headers.get("x-api-key", "")
+    if not given:
+        raise ClientError(401, "missing API key: send Authorization: Bearer <key> or X-API-Key: <key>")
+    if not hmac.compare_digest(hashlib.sha256(given.encode()).hexdigest(), digest):
+        raise ClientError(401, "wrong API key")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes ``limit`` bytes: checked against a
+    declared Content-Length first, then while a chunked (or lying) body streams in."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise ClientError(413, f"request body of {declared} bytes exceeds {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ClientError(413, f"request body exceeds {limit} bytes (stopped reading at {size})")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def max_body_bytes(serve_cfg: ServeConfig, image_shape: tuple[int, ...]) -> int:
     """A generous bound on a legitimate request body: refuse bigger ones before reading them."""
     values = serve_cfg.max_images_per_request * int(np.prod(image_shape))
@@ -261,6 +313,7 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"description": text, "content": {"application/json": {"example": {"error": "..."}}}}
     for code, text in [
         (400, "malformed request"),
+        (401, "missing or wrong API key (when serve.api_key_env / api_key_file is set)"),
         (413, "too many images or body too large"),
         (415, "unsupported content or file type"),
         (422, "wrong image shape, NaN/inf, empty batch"),
@@ -307,8 +360,11 @@ async def _server_error(_: Request, exc: Exception) -> JSONResponse:
 class LensEndpoint:
     """One replica: an ``EnsemblePredictor`` behind the FastAPI routes, with micro-batching."""
 
-    def __init__(self, config: dict[str, Any], model_dir: str | None = None) -> None:
+    def __init__(
+        self, config: dict[str, Any], model_dir: str | None = None, api_key_digest: str | None = None
+    ) -> None:
         self.cfg = Config.model_validate(config)
+        self.api_key_digest = api_key_digest
         # Kept on the replica (removed when the replica goes away): the downloaded champion's files.
         self._download_dir = tempfile.TemporaryDirectory(prefix="lensmill-champion-")
         loaded = load_ensemble(self.cfg, Path(self._download_dir.name), model_dir or None)
@@ -342,7 +398,8 @@ class LensEndpoint:
         return {"status": "ok"}
 
     @api.get("/v1/model", response_model=ModelInfo)
-    async def model_info(self) -> dict[str, Any]:
+    async def model_info(self, request: Request) -> dict[str, Any]:
+        check_api_key(request.headers, self.api_key_digest)
         p = self.predictor
         members = [
             {
@@ -370,12 +427,8 @@ class LensEndpoint:
         responses=_ERROR_RESPONSES,
     )
     async def predict(self, request: Request) -> dict[str, Any]:
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > self.max_body_bytes:
-            raise ClientError(413, f"request body of {declared} bytes exceeds {self.max_body_bytes}")
-        body = await request.body()
-        if len(body) > self.max_body_bytes:
-            raise ClientError(413, f"request body of {len(body)} bytes exceeds {self.max_body_bytes}")
+        check_api_key(request.headers, self.api_key_digest)
+        body = await read_body(request, self.max_body_bytes)
         if not body:
             raise ClientError(400, "empty request body")
         images = decode_request(
@@ -432,7 +485,7 @@ def build_endpoint(cfg: Config, model_dir: str | Path | None = None) -> Applicat
             raise EnsembleNotFoundError(f"no {ENSEMBLE_MANIFEST} in {path}: not an ensemble directory")
         local_dir = str(path)
     deployment = LensEndpoint.options(**deployment_options(cfg.serve))
-    return deployment.bind(cfg.model_dump(mode="json"), local_dir)
+    return deployment.bind(cfg.model_dump(mode="json"), local_dir, api_key_digest(cfg.serve))
 
 
 def build_app(args: dict[str, Any]) -> Application:

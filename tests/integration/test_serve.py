@@ -34,6 +34,9 @@ except ImportError:
 REPO = Path(__file__).resolve().parents[2]
 SHAPE = (1, 32, 32)
 MAX_IMAGES = 16
+API_KEY_ENV = "LENSMILL_TEST_SERVE_KEY"
+API_KEY = "test-key-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
 def _load_client() -> ModuleType:
@@ -181,19 +184,25 @@ def endpoint(ray_session: str, ensemble_dir: Path) -> Iterator[str]:
             "serve.max_batch_size=8",
             "serve.batch_wait_timeout_s=0.02",
             "serve.cpus_per_replica=0.5",
+            f"serve.api_key_env={API_KEY_ENV}",
         ],
     )
+    # Read on this (the driver's) side when the app is built; the replicas get only its digest.
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setenv(API_KEY_ENV, API_KEY)
     url = start_endpoint(cfg, model_dir=ensemble_dir)
+    monkeypatch.setenv("LENSMILL_API_KEY", API_KEY)  # for serving/client.py
     try:
         assert url.startswith("http://127.0.0.1:")
         yield url
     finally:
         stop_endpoint()
+        monkeypatch.undo()
 
 
 @pytest.fixture(scope="module")
 def http(endpoint: str) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=endpoint, timeout=60.0) as client:
+    with httpx.Client(base_url=endpoint, timeout=60.0, headers=AUTH) as client:
         yield client
 
 
@@ -253,7 +262,7 @@ def test_concurrent_requests(http: httpx.Client, endpoint: str, reference: Ensem
 
     def post(images: np.ndarray) -> dict[str, Any]:
         # One client per thread: a bounded number of requests, each with its own timeout.
-        with httpx.Client(base_url=endpoint, timeout=60.0) as client:
+        with httpx.Client(base_url=endpoint, timeout=60.0, headers=AUTH) as client:
             r = client.post("/v1/predict", json={"npy_b64": base64.b64encode(_npy(images)).decode()})
             assert r.status_code == 200, r.text
             return r.json()
@@ -305,6 +314,33 @@ def test_concurrent_requests(http: httpx.Client, endpoint: str, reference: Ensem
 )
 def test_client_errors(http: httpx.Client, kwargs: dict[str, Any], status: int, fragment: str) -> None:
     _assert_client_error(http.post("/v1/predict", **kwargs), status, fragment)
+
+
+def test_the_api_key_guards_the_model_routes_but_not_healthz(endpoint: str) -> None:
+    images = {"json": {"images": _images(1, seed=9).tolist()}}
+    with httpx.Client(base_url=endpoint, timeout=60.0) as anonymous:
+        assert anonymous.get("/healthz").json() == {"status": "ok"}
+        _assert_client_error(anonymous.post("/v1/predict", **images), 401, "missing API key")
+        _assert_client_error(anonymous.get("/v1/model"), 401, "missing API key")
+        wrong = {"Authorization": "Bearer not-the-key"}
+        _assert_client_error(anonymous.post("/v1/predict", headers=wrong, **images), 401, "wrong API key")
+        ok = anonymous.post("/v1/predict", headers={"X-API-Key": API_KEY}, **images)
+        assert ok.status_code == 200, ok.text
+
+
+def test_a_chunked_body_is_refused_while_it_streams_in(http: httpx.Client) -> None:
+    from lensmill.config import ServeConfig
+    from lensmill.serve import max_body_bytes
+
+    limit = max_body_bytes(ServeConfig(max_images_per_request=MAX_IMAGES), SHAPE)
+
+    def chunks():  # no Content-Length: httpx sends it chunked, 2 chunks past the limit
+        for _ in range(limit // 65536 + 2):
+            yield b"0" * 65536
+
+    r = http.post("/v1/predict", content=chunks(), headers={"content-type": "application/json"})
+    _assert_client_error(r, 413, "exceeds")
+    assert http.get("/healthz").status_code == 200
 
 
 def test_routing_errors_are_json(http: httpx.Client) -> None:
