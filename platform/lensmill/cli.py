@@ -142,13 +142,19 @@ def serve(
     ] = None,
 ) -> None:
     """Keep the HTTP endpoint up (POST /v1/predict, GET /healthz) until Ctrl-C."""
-    from lensmill.serve import serve_until_interrupted, start_endpoint
+    from lensmill.serve import serve_until_interrupted, start_endpoint, stop_endpoint, stop_on_sigterm
 
     def fn(cfg: Config) -> dict[str, Any]:
-        url = start_endpoint(cfg, model_dir=model_dir)
+        stop_on_sigterm()  # also while the endpoint starts (Ray's handler would abort the process)
+        try:
+            url = start_endpoint(cfg, model_dir=model_dir)
+        except KeyboardInterrupt:
+            logging.getLogger("lensmill.serve").info("interrupted while starting: shutting Serve down")
+            stop_endpoint()
+            return {"stopped": True}
         # The JSON line comes as soon as the endpoint is up, for scripts that wait on it.
         emit({"endpoint": f"{url}/v1/predict", "healthz": f"{url}/healthz", "docs": f"{url}/docs"})
-        print(f"serving on {url} — Ctrl-C to stop", file=sys.stderr)
+        print(f"serving on {url} — Ctrl-C or SIGTERM to stop", file=sys.stderr)
         serve_until_interrupted()
         return {"stopped": True}
 

@@ -574,14 +574,20 @@ def start_endpoint(
     return url
 
 
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # process managers stop servers with SIGTERM: the Ctrl-C path
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (systemd, Kubernetes) takes Ctrl-C's clean path. Call it after ``ray.init``, which
+    installs Ray's own handler: that one prints a stack dump and aborts the process (exit 134)."""
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
 def serve_until_interrupted() -> None:
     """Keep the endpoint up until Ctrl-C or SIGTERM (the foreground server of `lensmill serve`), then
     stop it cleanly."""
-
-    def on_term(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt  # process managers stop servers with SIGTERM: same clean path
-
-    signal.signal(signal.SIGTERM, on_term)
+    stop_on_sigterm()
     try:
         while True:
             time.sleep(1.0)

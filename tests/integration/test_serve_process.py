@@ -1,0 +1,58 @@
+"""`lensmill serve` as a process manager runs it: stopped with SIGTERM, it shuts Serve down and exits 0
+with one log line (Ray's own handler would print a stack dump and abort, exit 134).
+
+Its own module, after test_serve.py: the process joins the session's Ray head and shuts Serve down
+on that cluster when it stops.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lensmill.models import LensClassifier
+from lensmill.predict import EnsemblePredictor, Member
+
+try:
+    from tests.conftest import free_port
+except ImportError:
+    from conftest import free_port  # type: ignore[no-redef]
+
+LENSMILL = Path(sys.executable).parent / "lensmill"
+
+
+@pytest.mark.parametrize("when", ["serving", "starting"])
+def test_sigterm_stops_the_server_cleanly_with_exit_code_0(
+    ray_address: str, tmp_path: Path, when: str
+) -> None:
+    EnsemblePredictor([Member("m", LensClassifier("tiny", 1, [0.0], [1.0]), 1.0)], (1, 32, 32)).save(
+        tmp_path / "ens"
+    )
+    cmd = [str(LENSMILL), "serve", "--model-dir", str(tmp_path / "ens"), f"ray.address={ray_address}",
+           f"serve.port={free_port()}", "serve.cpus_per_replica=0.25"]  # fmt: skip
+    err_path = tmp_path / "stderr.txt"
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=os.environ.copy())
+    # "serving": once the endpoint is up; "starting": while Serve adds the replica.
+    mark = "serving on" if when == "serving" else "Adding 1 replica"
+    deadline = time.monotonic() + 180
+    while mark not in err_path.read_text() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None, err_path.read_text()[-2000:]
+    proc.send_signal(signal.SIGTERM)
+    try:
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    stderr = err_path.read_text()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert json.loads(out.strip().splitlines()[-1])["stopped"] is True
+    assert "SIGTERM received" not in stderr and "Traceback" not in stderr
+    assert stderr.count("shutting Serve down") == 1
