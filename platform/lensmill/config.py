@@ -785,6 +785,9 @@ class ServeConfig(_Frozen):
     # ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``; /healthz stays open. None and None: open.
     api_key_env: str | None = None
     api_key_file: str | None = None
+    # Serving the registry's alias: each replica looks the alias up this often and, when it has moved
+    # (a new @champion), loads that version and swaps it in without a restart. None: never.
+    watch_champion_s: float | None = Field(30.0, gt=0)
 
 
 class ScoringConfig(ActorPool):

@@ -31,6 +31,7 @@ import os
 import shlex
 import signal
 import tempfile
+import threading
 import time
 from email import policy
 from email.message import EmailMessage
@@ -381,6 +382,42 @@ class LensEndpoint:
             self.source,
             self.predictor.member_names,
         )
+        interval = self.cfg.serve.watch_champion_s
+        if self.source == "mlflow" and interval:
+            threading.Thread(target=self._watch_alias, args=(interval,), daemon=True).start()
+
+    def _watch_alias(self, interval_s: float) -> None:
+        """Poll the registry alias; when it names another version, load that one and swap it in
+        (requests in flight finish on the old one). A failed lookup or load keeps the current model."""
+        from lensmill.tracking import alias_version
+
+        while True:
+            time.sleep(interval_s)
+            try:
+                version = alias_version(self.cfg)
+                if version != self.model_version:
+                    self._swap_in(version)
+            except Exception:  # the registry down for a moment must not take the endpoint down
+                logger.exception("checking %s@%s failed; still serving version %s",
+                                 self.model_name, self.cfg.tracking.alias, self.model_version)  # fmt: skip
+
+    def _swap_in(self, version: str) -> None:
+        from lensmill.tracking import download_version
+
+        download = tempfile.TemporaryDirectory(prefix="lensmill-champion-")
+        got = download_version(self.cfg, self.model_name, version, Path(download.name))
+        predictor = EnsemblePredictor.load(got["path"]).to(
+            "cuda" if self.cfg.serve.gpus_per_replica > 0 else "cpu"
+        )
+        if tuple(predictor.image_shape) != tuple(self.predictor.image_shape):
+            raise ValueError(
+                f"version {version} takes images {list(predictor.image_shape)}, not "
+                f"{list(self.predictor.image_shape)}: not swapped in (redeploy to change the input shape)"
+            )
+        old = self.model_version
+        self.predictor, self.model_version, self._download_dir = predictor, str(got["version"]), download
+        logger.info("%s@%s moved: now serving version %s (was %s)",
+                    self.model_name, self.cfg.tracking.alias, self.model_version, old)  # fmt: skip
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def score_batch(self, requests: list[np.ndarray]) -> list[dict[str, np.ndarray]]:

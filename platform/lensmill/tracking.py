@@ -288,6 +288,12 @@ def describe_test_figures(cfg: Config, name: str, version: str, line: str) -> No
     c.update_model_version(name, version, description="\n".join([*kept, "", line]))
 
 
+def alias_version(cfg: Config) -> str:
+    """The version ``models:/<name>@<alias>`` names now."""
+    mv = client(cfg).get_model_version_by_alias(cfg.tracking.registered_model, cfg.tracking.alias)
+    return str(mv.version)
+
+
 def download_champion(cfg: Config, dst_dir: Path) -> dict[str, Any]:
     """Fetch the ensemble behind ``models:/<name>@<alias>``; returns its local path, name and version."""
     return download_version(cfg, cfg.tracking.registered_model, f"@{cfg.tracking.alias}", dst_dir)

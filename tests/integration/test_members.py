@@ -105,3 +105,44 @@ def test_a_member_that_is_not_there_is_named(runs, source: str, message: str) ->
     overrides, _ = runs
     with pytest.raises(ConfigError, match=message):
         build_ensemble(load_config(None, [*overrides, f"ensemble.members=[{source}]"]))
+
+
+def test_the_endpoint_picks_up_a_new_champion_without_a_restart(runs) -> None:
+    import time
+
+    import httpx
+
+    from lensmill.serve import start_endpoint, stop_endpoint
+
+    try:
+        from tests.conftest import free_port
+    except ImportError:
+        from conftest import free_port  # type: ignore[no-redef]
+
+    overrides, names = runs
+    serving = [
+        *overrides,
+        f"serve.port={free_port()}",
+        "serve.watch_champion_s=1",
+        "serve.cpus_per_replica=0.25",
+    ]
+    first = load_config(None, [*serving, f"ensemble.members=[run:{names['tiny']}]"])
+    before = build_ensemble(first, promote=True)["version"]
+    url = start_endpoint(first)
+    try:
+        with httpx.Client(base_url=url, timeout=30.0) as http:
+            assert http.get("/v1/model").json()["version"] == before
+            # A new champion is registered while the endpoint serves: the replica swaps it in.
+            second = load_config(None, [*serving, f"ensemble.members=[run:{names['vit_cutout_tiny']}]"])
+            after = build_ensemble(second, promote=True)["version"]
+            assert after != before
+            deadline = time.monotonic() + 90
+            while http.get("/v1/model").json()["version"] != after and time.monotonic() < deadline:
+                time.sleep(0.5)
+            info = http.get("/v1/model").json()
+            assert info["version"] == after and [m["model"] for m in info["members"]] == ["vit_cutout_tiny"]
+            answer = http.post("/v1/predict", json={"images": np.zeros((1, 1, 32, 32)).tolist()}).json()
+            assert answer["model"]["version"] == after
+            assert list(answer["predictions"][0]["members"]) == [m["name"] for m in info["members"]]
+    finally:
+        stop_endpoint()
