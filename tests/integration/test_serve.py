@@ -72,6 +72,12 @@ def _png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _npz() -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, a=np.zeros((1, 32, 32)))
+    return buf.getvalue()
+
+
 def _images(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=(n, *SHAPE)).astype(np.float32)
 
@@ -257,20 +263,24 @@ def test_predict_multipart_files(http: httpx.Client, reference: EnsemblePredicto
     _assert_match(r.json()["predictions"], reference.predict(expected_images), reference.member_names)
 
 
-def test_concurrent_requests(http: httpx.Client, endpoint: str, reference: EnsemblePredictor) -> None:
-    batches = [_images(1 + i % 3, seed=100 + i) for i in range(16)]
+def test_a_thousand_requests_at_concurrency_16_without_an_error(
+    endpoint: str, reference: EnsemblePredictor
+) -> None:
+    batches = [_images(1 + i % 3, seed=100 + i) for i in range(1000)]
+    limits = httpx.Limits(max_connections=16, max_keepalive_connections=16)
+    with httpx.Client(base_url=endpoint, timeout=60.0, headers=AUTH, limits=limits) as client:
 
-    def post(images: np.ndarray) -> dict[str, Any]:
-        # One client per thread: a bounded number of requests, each with its own timeout.
-        with httpx.Client(base_url=endpoint, timeout=60.0, headers=AUTH) as client:
+        def post(images: np.ndarray) -> tuple[int, dict[str, Any]]:
             r = client.post("/v1/predict", json={"npy_b64": base64.b64encode(_npy(images)).decode()})
-            assert r.status_code == 200, r.text
-            return r.json()
+            return r.status_code, r.json()
 
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        results = list(pool.map(post, batches))
-    for images, body in zip(batches, results, strict=True):
-        _assert_match(body["predictions"], reference.predict(images), reference.member_names)
+        with ThreadPoolExecutor(max_workers=16) as pool:  # a bounded count: 1,000 requests
+            results = list(pool.map(post, batches))
+    assert [code for code, _ in results if code != 200] == []
+    every = np.concatenate(batches)
+    expected = reference.predict(every)
+    got = [p for _, body in results for p in body["predictions"]]
+    _assert_match(got, expected, reference.member_names)
 
 
 @pytest.mark.parametrize(
@@ -304,6 +314,22 @@ def test_concurrent_requests(http: httpx.Client, endpoint: str, reference: Ensem
         ({"files": [("files", ("broken.fits", b"SIMPLE  = garbage", "application/fits"))]}, 400, "FITS"),
         ({"files": [("files", ("broken.png", b"\x89PNG nope", "image/png"))]}, 400, "PNG"),
         ({"files": [("files", ("small.npy", _npy(np.zeros((8, 8))), "x"))]}, 422, "small.npy"),
+        ({"json": {"images": [["a", "b"], ["c", "d"]]}}, 422, "must be numeric"),
+        ({"json": {"images": np.zeros((1, 1, 1, 32, 32)).tolist()}}, 422, "shape"),
+        (
+            {"json": {"npy_b64": base64.b64encode(_npy(np.array([{"a": 1}], dtype=object))).decode()}},
+            400,
+            "pickle",
+        ),
+        (
+            {"files": [("files", ("stack.npz", _npz(), "application/octet-stream"))]},
+            415,
+            "unsupported file type",
+        ),
+        ({"files": [("other", ("x.npy", _npy(np.zeros((1, 32, 32))), "x"))]}, 400, "files"),
+        ({"content": b"--zzz\r\n", "headers": {"content-type": "multipart/form-data"}}, 400, "boundary"),
+        # A declared Content-Length over the limit (3 MiB against ~1.5 MiB): refused before reading.
+        ({"content": b"0" * 3 * 2**20, "headers": {"content-type": "application/json"}}, 413, "exceeds"),
         # Decoded as at import: an RGB PNG is (3, H, W), not the 1-channel model's luminance.
         (
             {"files": [("files", ("rgb.png", _png(np.zeros((32, 32, 3), np.uint8)), "image/png"))]},
