@@ -37,11 +37,19 @@ def top_candidates(output_uri: str, cfg: Config, n: int) -> tuple[pa.Table, dict
     loc = locate(uri, cfg.storage)
     dataset = pads.dataset(loc.path, filesystem=loc.filesystem, format="parquet")
     columns = ["object_id", "ra", "dec", *record["path_columns"], "p_lens", "spread"]
-    table = dataset.to_table(columns=columns, filter=pc.field("p_lens").is_valid())
-    if table.num_rows == 0:
+    keys = [("p_lens", "descending"), ("object_id", "ascending")]
+    best: pa.Table | None = None
+    # A running top n over the parts' batches: memory stays at n rows plus one batch at survey scale.
+    for batch in dataset.to_batches(columns=columns, filter=pc.field("p_lens").is_valid()):
+        table = (
+            pa.Table.from_batches([batch])
+            if best is None
+            else pa.concat_tables([best, pa.Table.from_batches([batch])])
+        )
+        best = table.take(pc.sort_indices(table, sort_keys=keys)[:n])
+    if best is None or best.num_rows == 0:
         raise CatalogError(f"{uri}: no scored cutouts")
-    order = pc.sort_indices(table, sort_keys=[("p_lens", "descending"), ("object_id", "ascending")])
-    return table.take(order[:n]), record
+    return best, record
 
 
 def _tile(image: np.ndarray) -> np.ndarray:
