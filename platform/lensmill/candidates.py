@@ -23,7 +23,7 @@ import pyarrow.dataset as pads
 
 from lensmill.catalog import CATALOG_RECORD, CatalogError, decode_cutout
 from lensmill.config import Config
-from lensmill.preview import asinh_gray, asinh_rgb
+from lensmill.preview import asinh_gray, asinh_rgb, rgb_channels
 from lensmill.storage import absolute_uri, is_s3, join_uri, locate, read_json
 
 
@@ -53,10 +53,10 @@ def top_candidates(output_uri: str, cfg: Config, n: int) -> tuple[pa.Table, dict
 
 
 def _tile(image: np.ndarray) -> np.ndarray:
-    """(C, H, W) -> (H, W) or (H, W, 3) in [0, 1]: an RGB composite from 3+ bands, else band 0."""
-    if image.shape[0] >= 3:
-        return asinh_rgb(image[[image.shape[0] - 1, image.shape[0] // 2, 0]])
-    return asinh_gray(image[0])
+    """(C, H, W) -> (H, W) or (H, W, 3) in [0, 1]: preview's RGB composite from 3+ bands (bands in
+    the file's order, bluest first), else band 0."""
+    channels = rgb_channels([f"band{c}" for c in range(image.shape[0])])
+    return asinh_rgb(image[channels]) if channels else asinh_gray(image[0])
 
 
 def _caption(rank: int, row: dict[str, Any]) -> str:

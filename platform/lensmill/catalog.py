@@ -171,7 +171,7 @@ def read_catalog(input_uri: str, storage: StorageConfig) -> Catalog:
     else:
         files = _image_files(uri, storage)
         if not files:
-            if not exists(uri, storage) and not list_files(uri, storage):
+            if not exists(uri, storage):
                 raise CatalogError(f"input not found: {input_uri}")
             raise CatalogError(f"{uri}: no image files ({', '.join(SUFFIXES)}) below it")
         base = locate(uri, storage).path.rstrip("/") + "/"

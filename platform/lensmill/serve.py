@@ -369,7 +369,8 @@ class LensEndpoint:
         # Kept on the replica (removed when the replica goes away): the downloaded champion's files.
         self._download_dir = tempfile.TemporaryDirectory(prefix="lensmill-champion-")
         loaded = load_ensemble(self.cfg, Path(self._download_dir.name), model_dir or None)
-        self.predictor = loaded.predictor.to("cuda" if self.cfg.serve.gpus_per_replica > 0 else "cpu")
+        self.device = "cuda" if self.cfg.serve.gpus_per_replica > 0 else "cpu"
+        self.predictor = loaded.predictor.to(self.device)
         self.model_name, self.model_version, self.source = loaded.name, loaded.version, loaded.source
         # @serve.batch arguments are fixed at class definition; the config's values are applied here.
         self.score_batch.set_max_batch_size(self.cfg.serve.max_batch_size)
@@ -406,9 +407,7 @@ class LensEndpoint:
 
         download = tempfile.TemporaryDirectory(prefix="lensmill-champion-")
         got = download_version(self.cfg, self.model_name, version, Path(download.name))
-        predictor = EnsemblePredictor.load(got["path"]).to(
-            "cuda" if self.cfg.serve.gpus_per_replica > 0 else "cpu"
-        )
+        predictor = EnsemblePredictor.load(got["path"]).to(self.device)
         if tuple(predictor.image_shape) != tuple(self.predictor.image_shape):
             raise ValueError(
                 f"version {version} takes images {list(predictor.image_shape)}, not "
