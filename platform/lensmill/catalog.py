@@ -231,10 +231,13 @@ def decode_batch(
 class CatalogScorer:
     """Ray Data callable class: the ensemble (its files from the object store) on each batch."""
 
-    def __init__(self, files_ref: list[Any], device: str) -> None:
+    def __init__(self, files_ref: list[Any], device: str, torch_threads: int) -> None:
         import ray
+        import torch
 
         from lensmill.predict import EnsemblePredictor
+
+        torch.set_num_threads(torch_threads)  # Ray sets OMP_NUM_THREADS=1 for a fractional CPU
 
         self._tmp = tempfile.TemporaryDirectory(prefix="lensmill-catalog-")
         files = ray.get(files_ref[0])  # in a list: Ray Data passes it on unresolved
@@ -313,8 +316,11 @@ def score_catalog(
         # The driver resolves the alias once; every actor gets these bytes (no registry or shared
         # disk needed on the workers, and no other version mixed in if the alias moves meanwhile).
         loaded = tracking.load_ensemble(cfg, Path(tmp), model_dir)
+        manifest = loaded.manifest  # the weights load in the actors, not here
+        missing = [m.file for m in manifest.members if not (loaded.path / m.file).is_file()]
+        if missing:
+            raise CatalogError(f"ensemble {loaded.path} lacks its member file(s) {missing}")
         files = {p.name: p.read_bytes() for p in loaded.path.iterdir() if p.is_file()}
-    predictor = loaded.predictor
     record = {
         "format_version": FORMAT_VERSION,
         "input_uri": catalog.uri,
@@ -324,8 +330,8 @@ def score_catalog(
         "parts": n_parts,
         "path_columns": list(catalog.path_columns),
         "model": loaded.ref,
-        "threshold": predictor.threshold,
-        "members": {f"p_member_{j}": name for j, name in enumerate(predictor.member_names)},
+        "threshold": manifest.threshold,
+        "members": {f"p_member_{j}": m.name for j, m in enumerate(manifest.members)},
     }
     record_uri = join_uri(out_uri, CATALOG_RECORD)
     _check_output(record_uri, record, cfg.storage)
@@ -340,7 +346,7 @@ def score_catalog(
     if todo:
         columns = ["object_id", "ra", "dec", *catalog.path_columns, "p_lens", "label", "spread"]
         columns += [*record["members"], "error"]
-        for index, table in _scored_parts(cfg, catalog, todo, predictor.image_shape, files, columns):
+        for index, table in _scored_parts(cfg, catalog, todo, tuple(manifest.image_shape), files, columns):
             write_bytes(join_uri(out_uri, _part_name(index)), _parquet_bytes(table), cfg.storage)
             written.append(index)
             unreadable = sum(1 for e in table.column("error").to_pylist() if e)
@@ -399,6 +405,7 @@ def _scored_parts(
         fn_constructor_kwargs={
             "files_ref": [files_ref],
             "device": "cuda" if sc.gpus_per_actor > 0 else "cpu",
+            "torch_threads": sc.threads,
         },
         batch_size=sc.batch_size,
         batch_format="numpy",

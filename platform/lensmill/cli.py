@@ -375,6 +375,55 @@ def bench_train(config: ConfigPath = None, overrides: Overrides = None) -> None:
     run_command(config, overrides, fn, ray=False)
 
 
+@bench_app.command("serve")
+def bench_serve(
+    config: ConfigPath = None,
+    overrides: Overrides = None,
+    model_dir: Annotated[
+        Path | None, typer.Option(help="A local ensemble folder (default: the MLflow champion).")
+    ] = None,
+    requests_c1: Annotated[int, typer.Option(help="Requests timed at concurrency 1.", min=1)] = 200,
+    requests_c32: Annotated[int, typer.Option(help="Requests timed at concurrency 32.", min=32)] = 1000,
+    max_seconds: Annotated[float, typer.Option(help="Time bound of each measurement.", min=1)] = 120.0,
+) -> None:
+    """The Ray Serve endpoint against a plain FastAPI/uvicorn process with the same members."""
+
+    def fn(cfg: Config) -> dict[str, Any]:
+        from lensmill.bench.serve import run_serve_bench
+        from lensmill.runtime import ray_connection
+
+        # Without the dashboard (as bench train): its processes would take CPU from the timed side.
+        with ray_connection(cfg, include_dashboard=False):
+            return run_serve_bench(cfg, model_dir, requests_c1, requests_c32, max_seconds)
+
+    run_command(config, overrides, fn, ray=False)
+
+
+@bench_app.command("predict")
+def bench_predict(
+    config: ConfigPath = None,
+    overrides: Overrides = None,
+    model_dir: Annotated[
+        Path | None, typer.Option(help="A local ensemble folder (default: the MLflow champion).")
+    ] = None,
+    input_uri: Annotated[
+        str | None,
+        typer.Option("--input", help="A folder or list of cutouts (default: write seeded FITS cutouts)."),
+    ] = None,
+    images: Annotated[int, typer.Option(help="Cutouts to write when no --input is given.", min=1)] = 2000,
+) -> None:
+    """Ray Data catalog scoring against a plain PyTorch loop over the same files: images/s."""
+
+    def fn(cfg: Config) -> dict[str, Any]:
+        from lensmill.bench.predict import run_predict_bench
+        from lensmill.runtime import ray_connection
+
+        with ray_connection(cfg, include_dashboard=False):
+            return run_predict_bench(cfg, model_dir, input_uri, images)
+
+    run_command(config, overrides, fn, ray=False)
+
+
 @app.command()
 def predict(
     config: ConfigPath = None,

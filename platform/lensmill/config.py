@@ -777,8 +777,13 @@ class ServeConfig(_Frozen):
     cpus_per_replica: float = Field(0.5, gt=0)
     # > 0: each replica reserves this share of a GPU and scores on it (the cluster then needs GPU nodes).
     gpus_per_replica: float = Field(0.0, ge=0)
+    # torch threads per replica; 0: the replica's whole CPUs (at least 1: Ray sets
+    # OMP_NUM_THREADS=1 for a fractional reservation).
+    torch_threads: int = Field(0, ge=0)
+    # Requests per forward pass: those that queued while the previous pass ran (lensmill.batching).
     max_batch_size: int = Field(32, ge=1)
-    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    # Extra wait for company before a pass starts; 0: a request that finds the model idle runs at once.
+    batch_wait_timeout_s: float = Field(0.0, ge=0)
     max_images_per_request: int = Field(256, ge=1)
     # An API key for /v1/*, read when the endpoint is built: from this environment variable, or the
     # first line of this file (the variable wins when both are set and it is). Clients send
@@ -789,18 +794,30 @@ class ServeConfig(_Frozen):
     # (a new @champion), loads that version and swaps it in without a restart. None: never.
     watch_champion_s: float | None = Field(30.0, gt=0)
 
+    @property
+    def threads(self) -> int:
+        """torch threads per replica: ``torch_threads``, else its whole CPUs (at least 1)."""
+        return self.torch_threads or max(1, int(self.cpus_per_replica))
+
 
 class ScoringConfig(ActorPool):
     """Batch scoring (``lensmill predict``): an actor pool that grows with the cluster."""
 
     # > 0: each actor reserves this share of a GPU and scores on it.
     gpus_per_actor: float = Field(0.0, ge=0)
+    # torch threads per actor; 0: the actor's whole CPUs (at least 1).
+    torch_threads: int = Field(0, ge=0)
     batch_size: int = Field(256, ge=1)
     # Catalog scoring writes its output in parts of this many cutouts (input order); an interrupted
     # run resumes by scoring only the parts not yet written.
     rows_per_part: int = Field(10_000, ge=1)
     # Fault drill: stop with an error after writing this many parts, to exercise the resume.
     fail_after_parts: int | None = Field(None, ge=1)
+
+    @property
+    def threads(self) -> int:
+        """torch threads per actor: ``torch_threads``, else the actor's whole CPUs (at least 1)."""
+        return self.torch_threads or max(1, int(self.cpus_per_actor))
 
 
 class RayConfig(_Frozen):

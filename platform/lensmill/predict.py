@@ -350,14 +350,7 @@ class EnsemblePredictor:
         """Read an ensemble directory written by ``save`` (or by the ensemble stage / MLflow)."""
         dir = Path(dir)
         path = dir / MANIFEST
-        if not path.is_file():
-            raise EnsembleNotFoundError(f"no {MANIFEST} in {dir}: not an ensemble directory")
-        try:
-            manifest = parse_record(EnsembleManifest, path.read_bytes(), str(path))
-        except RecordError as exc:
-            raise EnsembleArtifactError(str(exc)) from None
-        except OSError as exc:
-            raise EnsembleArtifactError(f"{path} cannot be read: {exc}") from None
+        manifest = read_ensemble_manifest(dir)
 
         members = []
         for i, entry in enumerate(manifest.members):
@@ -396,3 +389,16 @@ class EnsemblePredictor:
             )
         except ValueError as exc:
             raise EnsembleArtifactError(f"{path}: {exc}") from None
+
+
+def read_ensemble_manifest(dir: Path) -> EnsembleManifest:
+    """An ensemble directory's ``ensemble.json`` (shape, threshold, members), without the weights."""
+    path = Path(dir) / MANIFEST
+    if not path.is_file():
+        raise EnsembleNotFoundError(f"no {MANIFEST} in {dir}: not an ensemble directory")
+    try:
+        return parse_record(EnsembleManifest, path.read_bytes(), str(path))
+    except RecordError as exc:
+        raise EnsembleArtifactError(str(exc)) from None
+    except OSError as exc:
+        raise EnsembleArtifactError(f"{path} cannot be read: {exc}") from None

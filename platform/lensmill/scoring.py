@@ -28,7 +28,10 @@ class EnsembleScorer:
     """A Ray Data callable class: loads the ensemble once per actor, scores (N, C, H, W) batches."""
 
     def __init__(self, config: dict[str, Any], model_dir: str | None, image_shape: list[int]) -> None:
+        import torch
+
         cfg = Config.model_validate(config)
+        torch.set_num_threads(cfg.scoring.threads)  # Ray sets OMP_NUM_THREADS=1 for a fractional CPU
         self._tmp = tempfile.TemporaryDirectory(prefix="lensmill-scorer-")  # the champion's files
         on_gpu = cfg.scoring.gpus_per_actor > 0
         self.predictor = load_ensemble(cfg, Path(self._tmp.name), model_dir).predictor.to(

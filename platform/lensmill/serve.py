@@ -12,15 +12,15 @@ HTTP contract (the README's "Keep the endpoint up and query it" shows it in use)
 - ``GET /healthz`` and ``GET /v1/model``; OpenAPI at ``/docs``.
 - Client mistakes answer 4xx with ``{"error": "..."}``.
 
-Requests are micro-batched with ``@serve.batch`` on ``LensEndpoint.score_batch`` (each queued item is
-one request's (n, C, H, W) array). The model comes from a local ensemble directory (``model_dir``) or
+Requests are micro-batched by ``lensmill.batching.AdaptiveBatcher`` (each queued item is one request's
+(n, C, H, W) array): a lone request runs at once, and those arriving during a forward pass go into the
+next one together. The model comes from a local ensemble directory (``model_dir``) or
 from the MLflow registry (``lensmill.tracking.load_ensemble``).
 
 This module deliberately avoids ``from __future__ import annotations``: FastAPI and Serve's class-based
 views inspect route signatures at runtime.
 """
 
-import asyncio
 import base64
 import binascii
 import hashlib
@@ -41,6 +41,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -50,6 +51,7 @@ from ray.serve import Application
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lensmill import __version__
+from lensmill.batching import AdaptiveBatcher
 from lensmill.config import Config, ServeConfig, load_config
 from lensmill.errors import ConfigError
 from lensmill.images import (
@@ -189,6 +191,19 @@ def decode_request(
             413, f"too many images: {images.shape[0]} > serve.max_images_per_request={max_images}"
         )
     return images
+
+
+def predictions_of(out: dict[str, np.ndarray], member_names: list[str]) -> list[dict[str, Any]]:
+    """``EnsemblePredictor.predict`` output -> the response's ``predictions``, one per image."""
+    return [
+        {
+            "p_lens": float(out["p_lens"][i]),
+            "label": int(out["label"][i]),
+            "members": {n: float(p) for n, p in zip(member_names, out["member_probs"][i], strict=True)},
+            "spread": float(out["spread"][i]),
+        }
+        for i in range(len(out["p_lens"]))
+    ]
 
 
 def api_key_digest(serve_cfg: ServeConfig) -> str | None:
@@ -370,11 +385,15 @@ class LensEndpoint:
         self._download_dir = tempfile.TemporaryDirectory(prefix="lensmill-champion-")
         loaded = load_ensemble(self.cfg, Path(self._download_dir.name), model_dir or None)
         self.device = "cuda" if self.cfg.serve.gpus_per_replica > 0 else "cpu"
+        torch.set_num_threads(self.cfg.serve.threads)  # Ray sets OMP_NUM_THREADS=1 for a fractional CPU
         self.predictor = loaded.predictor.to(self.device)
         self.model_name, self.model_version, self.source = loaded.name, loaded.version, loaded.source
-        # @serve.batch arguments are fixed at class definition; the config's values are applied here.
-        self.score_batch.set_max_batch_size(self.cfg.serve.max_batch_size)
-        self.score_batch.set_batch_wait_timeout_s(self.cfg.serve.batch_wait_timeout_s)
+        # Through a lambda: a champion swapped in later is the one that scores.
+        self.batcher = AdaptiveBatcher(
+            lambda images: self.predictor.predict(images),
+            self.cfg.serve.max_batch_size,
+            self.cfg.serve.batch_wait_timeout_s,
+        )
         self.max_body_bytes = max_body_bytes(self.cfg.serve, self.predictor.image_shape)
         logger.info(
             "serving %s version %s (%s) with members %s",
@@ -417,17 +436,6 @@ class LensEndpoint:
         self.predictor, self.model_version, self._download_dir = predictor, str(got["version"]), download
         logger.info("%s@%s moved: now serving version %s (was %s)",
                     self.model_name, self.cfg.tracking.alias, self.model_version, old)  # fmt: skip
-
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-    async def score_batch(self, requests: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
-        """Score several requests' images in one forward pass and split the results back."""
-        counts = [int(a.shape[0]) for a in requests]
-        stacked = np.concatenate(requests) if len(requests) > 1 else requests[0]
-        # A worker thread keeps the event loop free for /healthz and for queueing the next batch.
-        out = await asyncio.to_thread(self.predictor.predict, stacked)
-        bounds = np.cumsum(counts)[:-1]
-        pieces = {k: np.split(v, bounds) for k, v in out.items()}
-        return [{k: pieces[k][i] for k in out} for i in range(len(requests))]
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:
@@ -473,18 +481,11 @@ class LensEndpoint:
             self.predictor,
             self.cfg.serve.max_images_per_request,
         )
-        out = await self.score_batch(images)
-        names = self.predictor.member_names
-        predictions = [
-            {
-                "p_lens": float(out["p_lens"][i]),
-                "label": int(out["label"][i]),
-                "members": {n: float(p) for n, p in zip(names, out["member_probs"][i], strict=True)},
-                "spread": float(out["spread"][i]),
-            }
-            for i in range(images.shape[0])
-        ]
-        return {"model": {"name": self.model_name, "version": self.model_version}, "predictions": predictions}
+        out = await self.batcher.submit(images)
+        return {
+            "model": {"name": self.model_name, "version": self.model_version},
+            "predictions": predictions_of(out, self.predictor.member_names),
+        }
 
 
 # ---------------------------------------------------------------------------------------------------

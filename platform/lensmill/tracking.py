@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +31,7 @@ from lensmill.storage import is_s3
 
 if TYPE_CHECKING:
     from lensmill.predict import EnsemblePredictor
+    from lensmill.records import EnsembleManifest
 
 PIP_REQUIREMENTS = ["lensmill", "torch", "torchvision", "timm", "numpy"]
 
@@ -333,9 +334,9 @@ def download_version(cfg: Config, name: str, ref: str, dst_dir: Path) -> dict[st
 
 @dataclass(frozen=True)
 class LoadedEnsemble:
-    """An ensemble ready to score, and where it came from."""
+    """An ensemble ready to score, and where it came from. Its weights are loaded on first use of
+    ``predictor``: a driver that only hands the files on reads just ``manifest``."""
 
-    predictor: EnsemblePredictor
     name: str
     version: str  # the registry version, or "local" for a folder
     source: str  # "mlflow" or "local"
@@ -345,18 +346,29 @@ class LoadedEnsemble:
     def ref(self) -> str:
         return f"{self.name}/{self.version}"
 
+    @cached_property
+    def manifest(self) -> EnsembleManifest:
+        from lensmill.predict import read_ensemble_manifest
+
+        return read_ensemble_manifest(self.path)
+
+    @cached_property
+    def predictor(self) -> EnsemblePredictor:
+        from lensmill.predict import EnsemblePredictor
+
+        return EnsemblePredictor.load(self.path)
+
 
 def load_ensemble(cfg: Config, download_dir: Path, model_dir: str | Path | None = None) -> LoadedEnsemble:
     """The one way a stage gets the ensemble it scores with: the local ensemble folder ``model_dir``
     when given, else ``models:/<name>@<alias>`` downloaded into ``download_dir`` (which the caller
-    keeps while it scores)."""
-    from lensmill.predict import EnsemblePredictor
-
+    keeps while it scores). The manifest is checked here; the weights load on first use."""
     if model_dir is not None:
-        predictor = EnsemblePredictor.load(Path(model_dir))
-        info = predictor.info
+        local = LoadedEnsemble(cfg.tracking.registered_model, "local", "local", Path(model_dir))
+        info = local.manifest.info
         name = str(info.get("name") or cfg.tracking.registered_model)
-        return LoadedEnsemble(predictor, name, str(info.get("version") or "local"), "local", Path(model_dir))
+        return LoadedEnsemble(name, str(info.get("version") or "local"), "local", Path(model_dir))
     champ = download_champion(cfg, download_dir)
-    path = Path(champ["path"])
-    return LoadedEnsemble(EnsemblePredictor.load(path), champ["name"], champ["version"], "mlflow", path)
+    loaded = LoadedEnsemble(champ["name"], champ["version"], "mlflow", Path(champ["path"]))
+    loaded.manifest  # noqa: B018 - a damaged artifact fails here, naming the file
+    return loaded
