@@ -1,11 +1,14 @@
-"""Metrics on arrays for binary lens finding: pure numpy/scikit-learn, no Ray, MLflow or config.
+"""Metrics on arrays for lens finding (binary) and C-class tasks: pure numpy/scikit-learn, no Ray,
+MLflow or config.
 
 Classification metrics (including TPR0/TPR10 of the Bologna lens-finding challenge), calibration
 (expected calibration error, reliability table, temperature scaling ``sigmoid(logit(p) / T)``),
 bootstrap confidence intervals, and completeness (the fraction of lenses found) against a physical
 parameter such as the Einstein radius or the arc signal-to-noise.
 
-Labels are 1 for a lens, 0 for a non-lens; scores are probabilities p(lens) in [0, 1]. Everything
+Binary: labels are 1 for a lens, 0 for a non-lens; scores are probabilities p(lens) in [0, 1]. C
+classes (``class_metrics``, ``class_bootstrap_intervals``, ``roc_auc``, the temperature): labels in
+0..C-1 and (N, C) probabilities, of which two classes with (N,) p(lens) is the case above. Everything
 returned is plain Python ``int``/``float`` (JSON-serialisable).
 """
 
@@ -49,6 +52,155 @@ def check_arrays(labels: Any, probs: Any, *, need_both_classes: bool = True) -> 
             "are undefined; evaluate on a set with both lenses and non-lenses"
         )
     return y, p
+
+
+def check_class_arrays(labels: Any, probs: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(int labels (N,), float probs (N, C)) for C classes, or raise ValueError naming the problem:
+    labels must be integers in 0..C-1 and each row of probs a distribution over the C classes."""
+    y = np.asarray(labels)
+    p = np.asarray(probs, dtype=np.float64)
+    if y.ndim != 1 or p.ndim != 2:
+        raise ValueError(f"labels must be (N,) and probs (N, C), got shapes {y.shape} and {p.shape}")
+    if y.shape[0] != p.shape[0] or y.shape[0] == 0:
+        raise ValueError(
+            f"labels and probs must be non-empty and of one length: {y.shape[0]} != {p.shape[0]}"
+        )
+    if p.shape[1] < 2:
+        raise ValueError(f"probs need at least 2 classes (columns), got {p.shape[1]}")
+    if not np.issubdtype(y.dtype, np.number) or not np.all(np.equal(np.mod(y, 1), 0)):
+        raise ValueError(f"labels must be integer class indices, got dtype {y.dtype}")
+    y = y.astype(np.int64)
+    bad = sorted(set(np.unique(y).tolist()) - set(range(p.shape[1])))
+    if bad:
+        raise ValueError(f"labels must lie in 0..{p.shape[1] - 1} (one per probs column); found {bad[:5]}")
+    if not np.isfinite(p).all() or p.min() < 0.0 or p.max() > 1.0:
+        raise ValueError("probs must be finite and lie in [0, 1]")
+    return y, p
+
+
+def as_class_probs(probs: Any) -> np.ndarray:
+    """(N, C) class probabilities; (N,) binary p(lens) becomes [1 - p, p] (the two-class case)."""
+    p = np.asarray(probs, dtype=np.float64)
+    return np.stack([1.0 - p, p], axis=1) if p.ndim == 1 else p
+
+
+def roc_auc(labels: Any, probs: Any) -> float:
+    """ROC AUC of (N,) p(lens) or (N, C) class probabilities: for two classes the AUC of the second
+    (the lens), for more the macro average of the one-vs-rest AUCs; NaN when a class is missing."""
+    from sklearn.metrics import roc_auc_score
+
+    y, p = check_class_arrays(labels, as_class_probs(probs))
+    if np.unique(y).size < p.shape[1]:
+        return float("nan")
+    if p.shape[1] == 2:
+        return float(roc_auc_score(y, p[:, 1]))
+    return float(roc_auc_score(y, p, multi_class="ovr", average="macro", labels=list(range(p.shape[1]))))
+
+
+def class_metrics(labels: Any, probs: Any, classes: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    """Metrics of C-class probabilities (N, C) (two classes: the lens-finding case, (N,) p(lens)
+    accepted), with the prediction the most probable class:
+
+    - ``accuracy``, ``log_loss``; ``macro_roc_auc`` (mean of the one-vs-rest AUCs) and
+      ``micro_roc_auc`` (all one-vs-rest decisions pooled);
+    - ``per_class``: for each class its one-vs-rest ``roc_auc``, ``precision``, ``recall``, ``f1``
+      and ``support``;
+    - ``confusion_matrix``: C x C counts, rows the true class, columns the predicted one;
+    - ``classes``, ``n``.
+    """
+    from sklearn.metrics import confusion_matrix, log_loss, precision_recall_fscore_support, roc_auc_score
+
+    y, p = check_class_arrays(labels, as_class_probs(probs))
+    n_cls = p.shape[1]
+    if len(classes) != n_cls:
+        raise ValueError(f"{len(classes)} class names for {n_cls} probability columns")
+    present = np.unique(y).size == n_cls
+    onehot = np.eye(n_cls, dtype=np.int64)[y]  # (N, C)
+    pred = p.argmax(axis=1)
+    prec, rec, f1, support = precision_recall_fscore_support(
+        y, pred, labels=list(range(n_cls)), zero_division=0
+    )
+    per_class = {
+        name: {
+            "roc_auc": float(roc_auc_score(onehot[:, c], p[:, c])) if present else float("nan"),
+            "precision": float(prec[c]),
+            "recall": float(rec[c]),
+            "f1": float(f1[c]),
+            "support": int(support[c]),
+        }
+        for c, name in enumerate(classes)
+    }
+    return {
+        "classes": list(classes),
+        "n": int(y.size),
+        "accuracy": float(np.mean(pred == y)),
+        "log_loss": float(log_loss(y, np.clip(p, 1e-7, 1.0), labels=list(range(n_cls)))),
+        "macro_roc_auc": float(np.mean([v["roc_auc"] for v in per_class.values()])),
+        "micro_roc_auc": float(roc_auc_score(onehot.ravel(), p.ravel())) if present else float("nan"),
+        "per_class": per_class,
+        "confusion_matrix": confusion_matrix(y, pred, labels=list(range(n_cls))).tolist(),
+    }
+
+
+def class_bootstrap_intervals(
+    labels: Any, probs: Any, classes: tuple[str, ...] | list[str], n_samples: int = 1000, seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, Any]:  # fmt: skip
+    """Percentile bootstrap intervals of each class's one-vs-rest ROC AUC, the macro AUC and the
+    accuracy (most probable class), resampling objects with replacement; seeded.
+
+    Returns ``{"per_class": {name: {"estimate", "low", "high"}}, "macro_roc_auc": {...},
+    "accuracy": {...}, "n_samples", "level", "seed"}``; resamples missing a class are left out of
+    the AUC intervals. ``n_samples = 0`` gives the estimates with ``None`` bounds.
+    """
+    y, p = check_class_arrays(labels, as_class_probs(probs))
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must lie in (0, 1), got {level}")
+    n_cls, n = p.shape[1], y.size
+    onehot = np.eye(n_cls)[y]  # (N, C)
+    correct = (p.argmax(axis=1) == y).astype(np.float64)
+
+    def aucs(idx: np.ndarray) -> np.ndarray:
+        # (B, N) resample indices -> (B, C) one-vs-rest AUCs
+        return np.stack([_auc_from_ranks(onehot[idx, c], p[idx, c]) for c in range(n_cls)], axis=1)
+
+    full = aucs(np.arange(n)[None])[0]  # (C,)
+
+    def estimate(value: float) -> dict[str, float | None]:
+        return {"estimate": float(value), "low": None, "high": None}
+
+    out: dict[str, Any] = {
+        "per_class": {name: estimate(full[c]) for c, name in enumerate(classes)},
+        "macro_roc_auc": estimate(np.mean(full)),
+        "accuracy": estimate(correct.mean()),
+        "n_samples": int(n_samples),
+        "level": float(level),
+        "seed": int(seed),
+    }
+    if n_samples <= 0:
+        return out
+    rng = np.random.default_rng(seed)
+    chunk = max(1, 2_000_000 // (n * n_cls))  # resamples per step: bounded (chunk, N) matrices
+    per_class, accuracy = [], []
+    for start in range(0, int(n_samples), chunk):
+        idx = rng.integers(0, n, size=(min(chunk, int(n_samples) - start), n))  # (B, N)
+        per_class.append(aucs(idx))
+        accuracy.append(correct[idx].mean(axis=1))
+    q = [100 * (1 - level) / 2, 100 * (1 + level) / 2]
+    samples = np.concatenate(per_class)  # (n_samples, C)
+
+    def bounds(values: np.ndarray) -> dict[str, float | None]:
+        values = values[np.isfinite(values)]
+        if not values.size:
+            return {"low": None, "high": None}
+        lo, hi = np.percentile(values, q)
+        return {"low": float(lo), "high": float(hi)}
+
+    for c, name in enumerate(classes):
+        out["per_class"][name].update(bounds(samples[:, c]))
+    out["macro_roc_auc"].update(bounds(samples.mean(axis=1)))
+    out["accuracy"].update(bounds(np.concatenate(accuracy)))
+    return out
 
 
 def _ratio(num: int, den: int) -> float:
@@ -139,14 +291,13 @@ _LOGIT_EPS = 1e-7
 
 
 def apply_temperature(probs: Any, temperature: float) -> np.ndarray:
-    """``sigmoid(logit(p) / T)`` elementwise, float64; T = 1 returns the probabilities unchanged.
+    """``sigmoid(logit(p) / T)`` elementwise on binary probabilities p(lens), float64: the two-class
+    case of ``apply_class_temperature``. T = 1 returns them unchanged.
 
     Order-preserving, and p = 0.5 stays 0.5. p = 0 and 1 stay 0 and 1 (infinite logits).
     """
     p = np.asarray(probs, dtype=np.float64)
-    t = float(temperature)
-    if not np.isfinite(t) or t <= 0:
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    t = _temperature(temperature)
     if t == 1.0:
         return p.copy()
     with np.errstate(divide="ignore", over="ignore"):
@@ -154,22 +305,58 @@ def apply_temperature(probs: Any, temperature: float) -> np.ndarray:
         return 1.0 / (1.0 + np.exp(-z))
 
 
+def apply_class_temperature(probs: Any, temperature: float) -> np.ndarray:
+    """``softmax(log(p) / T)`` over the classes of (N, C) probabilities, float64; for C = 2 the
+    second column is ``apply_temperature`` of it. T = 1 returns them unchanged; ranks per row kept."""
+    p = np.asarray(probs, dtype=np.float64)
+    t = _temperature(temperature)
+    if t == 1.0:
+        return p.copy()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.log(p) / t  # (N, C); -inf where p = 0
+    z = z - np.max(z, axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _temperature(temperature: float) -> float:
+    t = float(temperature)
+    if not np.isfinite(t) or t <= 0:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    return t
+
+
+def _class_log_probs(probs: np.ndarray) -> np.ndarray:
+    """(N, C) log-probabilities, clipped off 0; (N,) binary p(lens) becomes [log(1 - p), log(p)]."""
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim == 1:
+        p = np.stack([1.0 - p, p], axis=1)
+    return np.log(np.clip(p, _LOGIT_EPS, 1.0))
+
+
 def fit_temperature(labels: Any, probs: Any, bounds: tuple[float, float] = (0.05, 20.0)) -> float:
-    """The temperature T minimising the log loss of ``sigmoid(logit(p) / T)`` on (labels, probs).
+    """The temperature T minimising the log loss of temperature-scaled probabilities (``apply_temperature``
+    of (N,) binary p(lens), ``apply_class_temperature`` of (N, C)) on (labels, probs):
+    probs (N,) binary p(lens) with 0/1 labels, or (N, C) with labels in 0..C-1.
 
     T > 1 when the scores are over-confident, T < 1 when under-confident. A one-parameter fit on the
     validation split: it changes no ranking, so it cannot overfit the ordering the weights chose.
     """
     from scipy.optimize import minimize_scalar
+    from scipy.special import logsumexp
 
-    y, p = check_arrays(labels, probs, need_both_classes=False)
-    p = np.clip(p, _LOGIT_EPS, 1 - _LOGIT_EPS)
-    z = np.log(p) - np.log1p(-p)  # (N,) logits
+    p = np.asarray(probs, dtype=np.float64)
+    y = (
+        check_arrays(labels, p, need_both_classes=False)[0]
+        if p.ndim == 1
+        else check_class_arrays(labels, p)[0]
+    )
+    z = _class_log_probs(p)  # (N, C)
+    picked = z[np.arange(len(y)), y]
 
     def nll(log_t: float) -> float:
-        s = z / np.exp(log_t)
-        # log(1 + e^s) - y s, computed stably (logaddexp).
-        return float(np.mean(np.logaddexp(0.0, s) - y * s))
+        inv_t = np.exp(-log_t)
+        return float(np.mean(logsumexp(z * inv_t, axis=1) - picked * inv_t))
 
     res = minimize_scalar(nll, bounds=(np.log(bounds[0]), np.log(bounds[1])), method="bounded")
     return float(np.exp(res.x))

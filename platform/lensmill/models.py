@@ -11,9 +11,10 @@ patches of a 64x64 image, width 192, depth 6; other sizes by interpolated positi
 Weights are never fetched from a hub: ``load_pretrained`` reads a state_dict from a local path or a
 storage URI (``s3://`` through ``lensmill.storage``).
 
-A ``LensClassifier`` wraps a backbone with the normalisation it was trained with and the input scale
-it sees (``input_size_px``), so a saved member carries everything needed to score raw images of shape
-(N, C, H, W), whatever scale the other members of its ensemble work at.
+A ``LensClassifier`` wraps a backbone with the normalisation it was trained with, the input scale
+it sees (``input_size_px``) and its class names, so a saved member carries everything needed to score
+raw images of shape (N, C, H, W), whatever scale the other members of its ensemble work at. Two
+classes (lens finding) are the binary case of the same code: one logit, read as [0, z] (``class_logits``).
 """
 
 from __future__ import annotations
@@ -276,13 +277,36 @@ def load_pretrained(
     return {"loaded": loaded, "adapted": adapted, "skipped": skipped}
 
 
+# The classes of the lens-finding task; a member saved before classes were recorded is binary.
+BINARY_CLASSES: tuple[str, str] = ("non-lens", "lens")
+
+
+def output_logits(num_classes: int) -> int:
+    """Backbone outputs for ``num_classes`` classes: one logit for two (the binary case, sigmoid),
+    one per class otherwise (softmax)."""
+    if num_classes < 2:
+        raise ModelError(f"a classifier needs at least 2 classes, got {num_classes}")
+    return 1 if num_classes == 2 else num_classes
+
+
+def class_logits(out: torch.Tensor) -> torch.Tensor:
+    """A backbone's output as (N, C) class logits: (N,) binary logits z become [0, z], whose softmax
+    is [1 - sigmoid(z), sigmoid(z)], so every loss, probability and metric is the one of C classes."""
+    if out.ndim == 1:
+        return torch.stack([torch.zeros_like(out), out], dim=1)
+    return out
+
+
 class LensClassifier(nn.Module):
-    """asinh stretch + per-channel standardisation (training-split statistics) + backbone -> one logit.
+    """asinh stretch + per-channel standardisation (training-split statistics) + backbone -> logits.
 
     Sky-subtracted fluxes are heavy-tailed (a galaxy core is ~10^3 x the sky noise). Fed linearly,
     the rare bright pixels dominate BatchNorm's running variance, and eval-mode outputs collapse
     towards 0.5. ``asinh(x / scale)`` with ``scale`` at the noise level is linear in the noise and
     logarithmic in the cores, the stretch astronomers use to look at such images.
+
+    ``classes``: the class names in label order (default the lens-finding task's two). Two classes
+    give one logit per image (N,); more give (N, C). ``class_logits`` turns either into (N, C).
     """
 
     def __init__(
@@ -293,17 +317,24 @@ class LensClassifier(nn.Module):
         std: list[float],
         scale: list[float] | None = None,
         input_size_px: int | None = None,
+        classes: tuple[str, ...] | list[str] = BINARY_CLASSES,
     ) -> None:
         super().__init__()
         self.model_name = model_name
         # The member's own scale: images are resized to it after normalisation (None: as given), so
         # an ensemble can hold a ResNet at 64x64 beside a transformer at 128x128.
         self.input_size_px = input_size_px
-        self.backbone = create_model(model_name, in_chans=in_chans, num_classes=1)
+        self.classes = tuple(str(c) for c in classes)
+        num_out = output_logits(len(self.classes))
+        self.backbone = create_model(model_name, in_chans=in_chans, num_classes=num_out)
         self.stretch = scale is not None
         self.register_buffer("scale", _channel_buffer(scale or [1.0] * in_chans))
         self.register_buffer("mean", _channel_buffer(mean))
         self.register_buffer("std", _channel_buffer(std))
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         # (N, C, H, W) raw fluxes -> (N, C, H, W) standardised inputs
@@ -311,8 +342,8 @@ class LensClassifier(nn.Module):
             x = torch.asinh(x / self.scale)
         return (x - self.mean) / self.std
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # (N, C, H, W) raw fluxes -> (N,) logits
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) raw fluxes -> the backbone's input: normalised, at the member's own scale."""
         x = self.normalise(x)
         size = self.input_size_px
         if size is not None and tuple(x.shape[-2:]) != (size, size):
@@ -320,7 +351,12 @@ class LensClassifier(nn.Module):
             x = nn.functional.interpolate(
                 x, size=(size, size), mode="bilinear", align_corners=False, antialias=size < x.shape[-1]
             )
-        return self.backbone(x).squeeze(-1)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (N, C, H, W) raw fluxes -> (N,) logits for two classes, (N, num_classes) for more
+        out = self.backbone(self.prepare(x))
+        return out.squeeze(-1) if out.shape[-1] == 1 else out
 
 
 def _channel_buffer(values: list[float]) -> torch.Tensor:
@@ -335,6 +371,7 @@ def build_classifier(meta: dict[str, Any]) -> LensClassifier:
         meta["norm_std"],
         meta.get("norm_scale"),
         meta.get("input_size_px"),
+        meta.get("classes") or BINARY_CLASSES,
     )
 
 
@@ -348,6 +385,7 @@ def save_classifier(model: LensClassifier, path: Path, extra: dict[str, Any] | N
         "norm_std": model.std.flatten().tolist(),
         "norm_scale": model.scale.flatten().tolist() if model.stretch else None,
         "input_size_px": model.input_size_px,
+        "classes": list(model.classes),
     }
     torch.save({**meta, **(extra or {}), "state_dict": model.state_dict()}, path)
 

@@ -38,8 +38,8 @@ import numpy as np
 import torch
 
 from lensmill.config import StorageConfig
-from lensmill.metrics import apply_temperature
-from lensmill.models import LensClassifier, load_classifier, save_classifier
+from lensmill.metrics import apply_class_temperature
+from lensmill.models import LensClassifier, class_logits, load_classifier, save_classifier
 from lensmill.records import (
     ENSEMBLE_FORMAT_VERSION,
     EnsembleManifest,
@@ -52,8 +52,8 @@ from lensmill.records import (
 MANIFEST = "ensemble.json"
 # Member keys that save() writes itself, or that the member file already holds (save_classifier).
 _MEMBER_FILE_KEYS = (
-    "name", "weight", "file", "model", "in_chans", "norm_mean", "norm_std", "input_size_px", "temperature",
-    "state_dict",
+    "name", "weight", "file", "model", "in_chans", "norm_mean", "norm_std", "norm_scale", "input_size_px",
+    "temperature", "classes", "state_dict",
 )  # fmt: skip
 
 
@@ -81,14 +81,14 @@ class EnsembleNotFoundError(EnsembleArtifactError, FileNotFoundError):
 
 @dataclass
 class Member:
-    """One ensemble member: a classifier mapping raw (N, C, H, W) images to (N,) logits."""
+    """One ensemble member: a classifier mapping raw (N, C, H, W) images to logits ((N,) binary)."""
 
     name: str
     model: LensClassifier
     weight: float
     meta: dict[str, Any] = field(default_factory=dict)
     # The member's own calibration, searched with the weights (ensemble.member_temperatures):
-    # its probability is sigmoid(logit / temperature) before the weighted mean; 1.0 = as trained.
+    # its probabilities are softmax(logits / temperature) before the weighted mean; 1.0 = as trained.
     temperature: float = 1.0
 
 
@@ -182,7 +182,13 @@ class EnsemblePredictor:
             t = math.nan
         if not (math.isfinite(t) and t > 0):
             raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        classes = members[0].model.classes
         for m in members:
+            if m.model.classes != classes:
+                raise ValueError(
+                    f"member {m.name!r} has classes {list(m.model.classes)}, "
+                    f"member {members[0].name!r} {list(classes)}: an ensemble's members share their classes"
+                )
             in_chans = int(m.model.mean.shape[1])
             if in_chans != shape[0]:
                 raise ValueError(
@@ -190,6 +196,7 @@ class EnsemblePredictor:
                 )
             m.model.eval()
         self._members = list(members)
+        self._classes = tuple(classes)
         self._image_shape = shape
         self._threshold = float(threshold)
         self._info = dict(info or {})
@@ -207,7 +214,17 @@ class EnsemblePredictor:
 
     @property
     def threshold(self) -> float:
+        """The binary decision threshold on p(lens); unused for more classes (the most probable wins)."""
         return self._threshold
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """The class names in label order (``("non-lens", "lens")`` for lens finding)."""
+        return self._classes
+
+    @property
+    def binary(self) -> bool:
+        return len(self._classes) == 2
 
     @property
     def temperature(self) -> float:
@@ -249,70 +266,99 @@ class EnsemblePredictor:
         """``validate_images`` against this ensemble's image shape."""
         return validate_images(images, self._image_shape)
 
-    def member_probabilities(self, images: np.ndarray) -> np.ndarray:
-        """(N, M) float64 sigmoid probabilities, one column per member (each at its own temperature),
-        computed in batches."""
+    def member_class_probabilities(self, images: np.ndarray) -> np.ndarray:
+        """(N, M, C) float64 class probabilities, one row per member (each at its own temperature,
+        TTA-averaged when asked), computed in batches."""
         batch = self.validate_images(images)
         n = batch.shape[0]
-        out = np.empty((n, len(self._members)), dtype=np.float64)
+        out = np.empty((n, len(self._members), len(self._classes)), dtype=np.float64)
         with torch.inference_mode():
             for start in range(0, n, self._batch_size):
                 x = torch.from_numpy(batch[start : start + self._batch_size]).to(self._device)
                 views = dihedral_views(x) if self._tta else [x]
                 for j, member in enumerate(self._members):
-                    p = torch.zeros(x.shape[0], dtype=torch.float64, device=self._device)
+                    p = torch.zeros(x.shape[0], len(self._classes), dtype=torch.float64, device=self._device)
                     for view in views:
-                        logits = member.model(view).reshape(-1)
+                        logits = class_logits(member.model(view))  # (B, C)
                         if logits.shape[0] != x.shape[0]:
                             n_out, n_in = logits.shape[0], x.shape[0]
                             raise RuntimeError(
                                 f"member {member.name!r} gave {n_out} logits for {n_in} images"
                             )
-                        # Sigmoid in float64 keeps probabilities near 0 and 1 distinguishable.
-                        p += torch.sigmoid(logits.double())
-                    out[start : start + x.shape[0], j] = apply_temperature(
+                        # Softmax in float64 keeps probabilities near 0 and 1 distinguishable.
+                        p += torch.softmax(logits.double(), dim=1)
+                    out[start : start + x.shape[0], j] = apply_class_temperature(
                         (p / len(views)).cpu().numpy(), member.temperature
                     )
         return out
 
+    def member_probabilities(self, images: np.ndarray) -> np.ndarray:
+        """(N, M) p(lens) of each member: the binary view of ``member_class_probabilities``."""
+        if not self.binary:
+            raise ValueError(f"p(lens) is for two classes; this ensemble has {list(self._classes)}")
+        return self.member_class_probabilities(images)[:, :, 1]
+
     @staticmethod
     def combine(member_probs: np.ndarray, weights: np.ndarray) -> np.ndarray:
-        """Weighted average over members: (N, M) probabilities and (M,) weights -> (N,)."""
+        """Weighted average over members: (N, M) or (N, M, C) probabilities and (M,) weights ->
+        (N,) or (N, C)."""
         p = np.asarray(member_probs, dtype=np.float64)
         w = np.asarray(weights, dtype=np.float64).reshape(-1)
-        if p.ndim != 2 or p.shape[1] != w.shape[0]:
-            raise ValueError(f"member_probs must be (N, {w.shape[0]}), received {_shape_text(p.shape)}")
+        if p.ndim not in (2, 3) or p.shape[1] != w.shape[0]:
+            raise ValueError(
+                f"member_probs must be (N, {w.shape[0]}) or (N, {w.shape[0]}, C), "
+                f"received {_shape_text(p.shape)}"
+            )
         if (w < 0).any() or w.sum() <= 0:
             raise ValueError(f"weights must be >= 0 and not all 0, got {w.tolist()}")
-        return p @ (w / w.sum())
+        return np.tensordot(p, w / w.sum(), axes=([1], [0]))
 
     @staticmethod
     def weighted_std(member_probs: np.ndarray, weights: np.ndarray) -> np.ndarray:
-        """Weighted standard deviation across members (N,): 0 when all members agree."""
+        """Weighted standard deviation across members: (N, M) -> (N,), (N, M, C) -> (N, C); 0 when
+        all members agree."""
         p = np.asarray(member_probs, dtype=np.float64)
         w = np.asarray(weights, dtype=np.float64).reshape(-1)
         w = w / w.sum()
         mean = EnsemblePredictor.combine(p, w)
-        var = ((p - mean[:, None]) ** 2) @ w
+        var = np.tensordot((p - np.expand_dims(mean, 1)) ** 2, w, axes=([1], [0]))
         return np.sqrt(np.maximum(var, 0.0))
 
     def calibrate(self, p: np.ndarray) -> np.ndarray:
-        """Apply this ensemble's temperature to combined probabilities (N,)."""
-        return apply_temperature(p, self._temperature)
+        """Apply this ensemble's temperature to combined (N, C) probabilities."""
+        return apply_class_temperature(p, self._temperature)
+
+    def decide(self, probs: np.ndarray) -> np.ndarray:
+        """(N,) labels of calibrated (N, C) probabilities: p(lens) >= threshold for two classes, the
+        most probable class for more."""
+        if self.binary:
+            return (probs[:, 1] >= self._threshold).astype(np.int64)
+        return probs.argmax(axis=1).astype(np.int64)
 
     def predict(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        """For raw images: p_lens (N,) calibrated, label (N,) int at the threshold, member_probs
-        (N, M) and spread (N,) (uncalibrated member outputs), p_lens_uncalibrated (N,)."""
-        member_probs = self.member_probabilities(images)
-        p_raw = self.combine(member_probs, self._weights)
-        p_lens = self.calibrate(p_raw)
-        return {
-            "p_lens": p_lens,
-            "label": (p_lens >= self._threshold).astype(np.int64),
-            "member_probs": member_probs,
-            "spread": self.weighted_std(member_probs, self._weights),
-            "p_lens_uncalibrated": p_raw,
+        """For raw images: ``probs`` (N, C) calibrated, ``label`` (N,), ``member_class_probs``
+        (N, M, C) and ``spread`` (N,) (the members' weighted std of the label's class probability,
+        uncalibrated), ``probs_uncalibrated`` (N, C). Two classes add the binary views ``p_lens``
+        (N,), ``p_lens_uncalibrated`` (N,) and ``member_probs`` (N, M)."""
+        member_class = self.member_class_probabilities(images)
+        raw = self.combine(member_class, self._weights)  # (N, C)
+        probs = self.calibrate(raw)
+        label = self.decide(probs)
+        spread = self.weighted_std(member_class, self._weights)[np.arange(len(label)), label]
+        out = {
+            "probs": probs,
+            "label": label,
+            "member_class_probs": member_class,
+            "spread": spread,
+            "probs_uncalibrated": raw,
         }
+        if self.binary:
+            out |= {
+                "p_lens": probs[:, 1],
+                "p_lens_uncalibrated": raw[:, 1],
+                "member_probs": member_class[:, :, 1],
+            }
+        return out
 
     # -- persistence ------------------------------------------------------------------------------
     def save(self, dir: Path) -> Path:
@@ -338,6 +384,7 @@ class EnsemblePredictor:
             threshold=self._threshold,
             temperature=self._temperature,
             tta=self._tta,
+            classes=self._classes,
             members=tuple(entries),
             **_plain(info),
         )
@@ -376,6 +423,11 @@ class EnsemblePredictor:
                     meta=entry.meta,
                     temperature=temperature,
                 )
+            )
+        if manifest.classes is not None and tuple(manifest.classes) != members[0].model.classes:
+            raise EnsembleArtifactError(
+                f"{path}: classes {list(manifest.classes)} but the member files hold "
+                f"{list(members[0].model.classes)}"
             )
         try:
             return cls(

@@ -272,6 +272,8 @@ class EnsembleManifest(_OpenRecord):
     temperature: Annotated[float, Field(gt=0)] = 1.0
     # Dihedral test-time augmentation: each member scores the 8 rotations/flips of an image, averaged.
     tta: bool = False
+    # The class names in label order; None (files written before classes): lens finding's two.
+    classes: tuple[str, ...] | None = None
     members: Annotated[tuple[EnsembleMemberEntry, ...], Field(min_length=1)]
 
     @field_validator("temperature", "threshold", mode="before")

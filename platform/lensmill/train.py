@@ -48,8 +48,8 @@ from lensmill.layout import (
     run_uri_for,
     runs_uri,
 )
-from lensmill.metrics import tpr_at_max_fp
-from lensmill.models import LensClassifier, load_pretrained, save_classifier
+from lensmill.metrics import roc_auc, tpr_at_max_fp
+from lensmill.models import BINARY_CLASSES, LensClassifier, class_logits, load_pretrained, save_classifier
 from lensmill.records import DatasetManifest, RunInfo, RunSummary, read_record, write_record
 from lensmill.shards import dataset_uri_for, decode_images, read_manifest, read_shards
 from lensmill.storage import StorageError, is_s3, join_uri, list_files, locate, read_json, write_json
@@ -71,7 +71,7 @@ class ImageCollate(NumpyBatchCollateFn):
         images = decode_images(batch["image"], self.shape)
         return {
             "image": torch.from_numpy(images),
-            "label": torch.as_tensor(batch["label"], dtype=torch.float32),
+            "label": torch.as_tensor(batch["label"], dtype=torch.int64),  # class indices
         }
 
 
@@ -167,30 +167,24 @@ def train_step(
     augment_strength: float = 1.0,
     label_smoothing: float = 0.0,
 ) -> float:
-    """One optimizer step on a batch: (B, C, H, W) images, (B,) labels; the batch's mean loss.
+    """One optimizer step on a batch: (B, C, H, W) images, (B,) class indices; the batch's mean loss.
 
-    ``generator``: dihedral augmentation with it (None = none) of ``augment_strength`` of the images.
-    ``label_smoothing``: targets y * (1 - s) + s / 2. bf16 autocast on CUDA; the loss and its gradient
-    in float32. Reading the loss back is a device sync on GPU, paid once per step.
+    The loss is the cross-entropy of the (B, K) class logits (``models.class_logits``; a binary
+    model's one logit z is [0, z], so this is the binary cross-entropy of z). ``generator``: dihedral
+    augmentation with it (None = none) of ``augment_strength`` of the images. ``label_smoothing`` s:
+    targets (1 - s) onehot + s / K (for two classes y (1 - s) + s / 2). bf16 autocast on CUDA; the
+    loss and its gradient in float32. Reading the loss back is a device sync on GPU, once per step.
     """
     if generator is not None and augment_strength > 0:
         x = dihedral_augment(x, generator, augment_strength)
-    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-    if label_smoothing:
-        y = y * (1.0 - label_smoothing) + 0.5 * label_smoothing
+    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True).long()
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        logits = model(x)
-    loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), y)
+        logits = class_logits(model(x))
+    loss = torch.nn.functional.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     return float(loss.item())
-
-
-def _roc_auc(labels: np.ndarray, probs: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score
-
-    return float(roc_auc_score(labels, probs)) if len(np.unique(labels)) == 2 else float("nan")
 
 
 def _gather(arr: np.ndarray) -> np.ndarray:
@@ -203,24 +197,31 @@ def _gather(arr: np.ndarray) -> np.ndarray:
 
 
 def _validate(model: torch.nn.Module, data: ShardBatches, device: torch.device) -> dict[str, float]:
-    """Validation metrics over the whole split (gathered from every rank: identical on all ranks)."""
+    """Validation metrics over the whole split (gathered from every rank: identical on all ranks).
+
+    ``val_auc`` is the ROC AUC (two classes) or the macro one-vs-rest ROC AUC (more): the metric Tune,
+    checkpoints and early stopping rank by, whatever the number of classes.
+    """
     model.eval()
     probs, labels = [], []
     with torch.inference_mode():
         for x, y in data.epoch(0, shuffle=False):
-            logits = model(x.to(device)).float()
-            probs.append(torch.sigmoid(logits).cpu().numpy())
+            logits = class_logits(model(x.to(device))).float()  # (B, K)
+            probs.append(torch.softmax(logits, dim=1).double().cpu().numpy())
             labels.append(y.numpy())
-    p = _gather(np.concatenate(probs) if probs else np.zeros(0, np.float32))
-    y = _gather(np.concatenate(labels) if labels else np.zeros(0, np.float32))
+    n_cls = getattr(model, "module", model).num_classes
+    p = _gather(np.concatenate(probs) if probs else np.zeros((0, n_cls)))  # (N, K)
+    y = _gather(np.concatenate(labels) if labels else np.zeros(0, np.int64)).astype(np.int64)
+    if not len(y):
+        return {"val_auc": math.nan, "val_loss": math.nan, "val_accuracy": math.nan, "val_tpr10": math.nan}
     eps = 1e-7
-    loss = float(-np.mean(y * np.log(p + eps) + (1 - y) * np.log(1 - p + eps))) if len(y) else float("nan")
+    binary = p.shape[1] == 2
     return {
-        "val_auc": _roc_auc(y, p),
-        "val_loss": loss,
-        "val_accuracy": float(np.mean((p >= 0.5) == y)),
+        "val_auc": roc_auc(y, p),
+        "val_loss": float(-np.mean(np.log(p[np.arange(len(y)), y] + eps))),
+        "val_accuracy": float(np.mean(p.argmax(axis=1) == y)),
         # Lenses found before the tenth false positive: what a survey search lives on.
-        "val_tpr10": tpr_at_max_fp(y, p, 9) if len(np.unique(y)) == 2 else float("nan"),
+        "val_tpr10": tpr_at_max_fp(y, p[:, 1], 9) if binary and len(np.unique(y)) == 2 else math.nan,
     }
 
 
@@ -292,10 +293,12 @@ class Normalisation:
             "norm_std": list(self.std),
         }
 
-    def classifier(self, model_name: str, input_size_px: int | None = None) -> LensClassifier:
+    def classifier(
+        self, model_name: str, input_size_px: int | None = None, classes: tuple[str, ...] = BINARY_CLASSES
+    ) -> LensClassifier:
         scale = list(self.scale) if self.scale is not None else None
         return LensClassifier(
-            model_name, len(self.mean), list(self.mean), list(self.std), scale, input_size_px
+            model_name, len(self.mean), list(self.mean), list(self.std), scale, input_size_px, classes
         )
 
 
@@ -314,6 +317,7 @@ class WorkerPlan:
     norm: Normalisation
     cache_in_memory: bool
     mlflow_run_id: str | None
+    classes: tuple[str, ...] = BINARY_CLASSES  # the dataset's, in label order
 
     @property
     def shuffle_buffer_rows(self) -> int:
@@ -338,7 +342,7 @@ def _build(
     # Ray sets OMP_NUM_THREADS to the worker's CPU reservation (1 when fractional): be explicit.
     torch.set_num_threads(t.torch_threads or max(1, int(t.cpus_per_worker)))
     torch.manual_seed(t.seed)
-    model = plan.norm.classifier(t.model, t.input_size_px)
+    model = plan.norm.classifier(t.model, t.input_size_px, plan.classes)
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t.epochs)
     return model, optimizer, scheduler
@@ -536,6 +540,12 @@ def normalisation_of(per_chan: np.ndarray, stretch: str) -> Normalisation:
     )
 
 
+def dataset_classes(manifest: DatasetManifest) -> tuple[str, ...]:
+    """A dataset's class names in label order (lens finding's two when its manifest names none)."""
+    classes = getattr(manifest, "classes", None)
+    return tuple(classes) if classes else BINARY_CLASSES
+
+
 def fits_in_memory(cfg: Config, manifest: DatasetManifest) -> bool:
     """Whether each worker's train + val shards, decoded, fit under ``TRAIN_CACHE_MAX_BYTES``."""
     image_bytes = 4 * int(np.prod(manifest.image_shape))
@@ -578,7 +588,7 @@ def fit(
             pretrained_uri=t.pretrained_uri, cache_in_memory=cache_in_memory,
         )  # fmt: skip
         write_record(join_uri(run_uri, RUN_INFO_FILE), info, cfg.storage)
-        plan = WorkerPlan(cfg, run_uri, shape, norm, cache_in_memory, run_id)
+        plan = WorkerPlan(cfg, run_uri, shape, norm, cache_in_memory, run_id, dataset_classes(manifest))
         _trainer(plan, run_name, dataset_uri, callbacks).fit()
         return summarize_run(cfg, run_name)
 
