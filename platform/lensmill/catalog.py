@@ -44,6 +44,7 @@ from lensmill import tracking
 from lensmill.config import Config, StorageConfig
 from lensmill.errors import LensmillError
 from lensmill.images import SUFFIXES, ImageDecodeError, decode_image
+from lensmill.metrics import CLASS_NAMES
 from lensmill.runtime import actor_pool_options
 from lensmill.storage import (
     StorageError,
@@ -249,18 +250,34 @@ class CatalogScorer:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["object_id"])
         ok = np.array([not e for e in batch["error"]], dtype=bool)
-        m = len(self.predictor.member_names)
-        p_lens, spread = np.full(n, np.nan), np.full(n, np.nan)
-        label, members = np.full(n, -1, np.int64), np.full((n, m), np.nan)
+        p = self.predictor
+        n_cls, names = len(p.classes), p.member_names
+        probs, spread = np.full((n, n_cls), np.nan), np.full(n, np.nan)
+        label, members = np.full(n, -1, np.int64), np.full((n, len(names), n_cls), np.nan)
         if ok.any():
             images = np.stack([np.frombuffer(b, np.float32) for b in batch["image"][ok]])
-            out = self.predictor.predict(images.reshape(-1, *self.shape))
-            p_lens[ok], label[ok], spread[ok] = out["p_lens"], out["label"], out["spread"]
-            members[ok] = out["member_probs"]
+            out = p.predict(images.reshape(-1, *self.shape))
+            probs[ok], label[ok], spread[ok] = out["probs"], out["label"], out["spread"]
+            members[ok] = out["member_class_probs"]
+        class_columns, member_columns = score_columns(p.classes, names)
         scored = {k: v for k, v in batch.items() if k != "image"}
-        scored |= {"p_lens": p_lens, "label": label, "spread": spread}
-        scored |= {f"p_member_{j}": members[:, j] for j in range(m)}
+        scored |= {"label": label, "spread": spread}
+        # Two classes: p(lens) only; more: one column per class (and per member and class).
+        first = n_cls - len(class_columns)
+        scored |= {c: probs[:, first + k] for k, c in enumerate(class_columns)}
+        flat = members[:, :, first:].reshape(n, -1)  # (n, M * classes shown), member-major
+        scored |= {c: flat[:, k] for k, c in enumerate(member_columns)}
         return scored
+
+
+def score_columns(classes: tuple[str, ...], member_names: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The probability columns of a scoring run's output: for lens finding ``p_lens`` and one
+    ``p_member_<j>`` per member; for C classes ``p_<class>`` each and ``p_member_<j>_<class>``.
+    Returned: the class columns, and each member column with what it holds."""
+    if len(classes) == 2:
+        return ["p_lens"], {f"p_member_{j}": n for j, n in enumerate(member_names)}
+    members = {f"p_member_{j}_{c}": f"{n}: p({c})" for j, n in enumerate(member_names) for c in classes}
+    return [f"p_{c}" for c in classes], members
 
 
 # -- the driver ------------------------------------------------------------------------------------
@@ -280,7 +297,7 @@ def _part_table(rows: list[dict[str, np.ndarray]], columns: list[str]) -> pa.Tab
         values = merged[name][order]
         if name == "label":
             out[name] = pa.array(values, pa.int64(), mask=failed)
-        elif name in ("p_lens", "spread") or name.startswith("p_member_"):
+        elif name == "spread" or name.startswith("p_"):
             out[name] = pa.array(values.astype(np.float64), mask=failed)
         elif name in ("ra", "dec"):
             out[name] = pa.array(values.astype(np.float64), mask=np.isnan(values.astype(np.float64)))
@@ -321,6 +338,8 @@ def score_catalog(
         if missing:
             raise CatalogError(f"ensemble {loaded.path} lacks its member file(s) {missing}")
         files = {p.name: p.read_bytes() for p in loaded.path.iterdir() if p.is_file()}
+    classes = tuple(manifest.classes or CLASS_NAMES)
+    class_columns, member_columns = score_columns(classes, [m.name for m in manifest.members])
     record = {
         "format_version": FORMAT_VERSION,
         "input_uri": catalog.uri,
@@ -331,7 +350,9 @@ def score_catalog(
         "path_columns": list(catalog.path_columns),
         "model": loaded.ref,
         "threshold": manifest.threshold,
-        "members": {f"p_member_{j}": m.name for j, m in enumerate(manifest.members)},
+        "classes": list(classes),
+        "score_columns": class_columns,
+        "members": member_columns,
     }
     record_uri = join_uri(out_uri, CATALOG_RECORD)
     _check_output(record_uri, record, cfg.storage)
@@ -344,7 +365,7 @@ def score_catalog(
     )  # fmt: skip
     written: list[int] = []
     if todo:
-        columns = ["object_id", "ra", "dec", *catalog.path_columns, "p_lens", "label", "spread"]
+        columns = ["object_id", "ra", "dec", *catalog.path_columns, *class_columns, "label", "spread"]
         columns += [*record["members"], "error"]
         for index, table in _scored_parts(cfg, catalog, todo, tuple(manifest.image_shape), files, columns):
             write_bytes(join_uri(out_uri, _part_name(index)), _parquet_bytes(table), cfg.storage)
@@ -428,12 +449,21 @@ def _summarise(out_uri: str, storage: StorageConfig, record: dict[str, Any]) -> 
     """Counts over every part written (this run's and earlier ones')."""
     loc = locate(out_uri, storage)
     parts = [f for f in list_files(out_uri, storage) if f.endswith(".parquet")]
-    rows = unreadable = lenses = 0
+    rows = unreadable = 0
+    classes = record.get("classes") or list(CLASS_NAMES)
+    per_class = dict.fromkeys(classes, 0)
     for f in parts:
         t = pq.read_table(locate(f, storage).path, filesystem=loc.filesystem, columns=["label", "error"])
         rows += t.num_rows
         unreadable += sum(1 for e in t.column("error").to_pylist() if e)
-        lenses += sum(1 for v in t.column("label").to_pylist() if v == 1)
+        for v in t.column("label").to_pylist():
+            if v is not None and v >= 0:
+                per_class[classes[v]] += 1
+    counts = (
+        {"predicted_lenses": per_class[classes[1]]}
+        if len(classes) == 2
+        else {"predicted_per_class": per_class}
+    )
     return {
         "input_uri": record["input_uri"],
         "model": record["model"],
@@ -441,5 +471,5 @@ def _summarise(out_uri: str, storage: StorageConfig, record: dict[str, Any]) -> 
         "parts": len(parts),
         "complete": len(parts) == record["parts"],
         "unreadable": unreadable,
-        "predicted_lenses": lenses,
+        **counts,
     }

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import log_loss, roc_auc_score, roc_curve
+from sklearn.metrics import log_loss, roc_curve
 
 from lensmill import tracking
 from lensmill.config import Config, EnsembleConfig, OperatingPoint
@@ -36,7 +36,15 @@ from lensmill.members import (
     validation_dataset,
     validation_probabilities,
 )
-from lensmill.metrics import apply_temperature, expected_calibration_error, fit_temperature, tpr_at_max_fp
+from lensmill.metrics import (
+    apply_class_temperature,
+    apply_temperature,
+    as_class_probs,
+    expected_calibration_error,
+    fit_temperature,
+    roc_auc,
+    tpr_at_max_fp,
+)
 from lensmill.predict import EnsemblePredictor, Member
 from lensmill.records import TrialResult
 from lensmill.shards import load_split, read_manifest
@@ -71,21 +79,31 @@ def select_members(
 
 
 def combine(member_probs: np.ndarray, weights: Sequence[float]) -> np.ndarray:
-    """Weighted mean (N,) of member probabilities (N, M); weights (M,) need not sum to 1."""
+    """Weighted mean of member probabilities, (N, M) p(lens) -> (N,) or (N, M, C) -> (N, C); weights
+    (M,) need not sum to 1."""
     return EnsemblePredictor.combine(member_probs, np.asarray(weights, np.float64))
 
 
 def objective_value(objective: str, labels: np.ndarray, p: np.ndarray) -> float:
-    """The ensemble's validation objective, larger is better (log loss enters negated)."""
+    """The ensemble's validation objective, larger is better (log loss enters negated), of (N,)
+    p(lens) or (N, C) class probabilities: ROC AUC is the macro one-vs-rest AUC for more than two
+    classes; TPR10 is a lens-finding figure (two classes only)."""
     if objective == "roc_auc":
-        return float(roc_auc_score(labels, p))
+        return roc_auc(labels, p)
     if objective == "tpr10":
-        return tpr_at_max_fp(labels, p, 10)
+        probs = as_class_probs(p)
+        if probs.shape[1] != 2:
+            raise ValueError(
+                f"ensemble.objective tpr10 is for two classes (lens finding); this task has "
+                f"{probs.shape[1]}: use roc_auc or log_loss"
+            )
+        return tpr_at_max_fp(labels, probs[:, 1], 10)
     return -_log_loss(labels, p)
 
 
 def _log_loss(labels: np.ndarray, p: np.ndarray) -> float:
-    return float(log_loss(labels, np.clip(p, 1e-7, 1 - 1e-7), labels=[0, 1]))
+    probs = as_class_probs(p)
+    return float(log_loss(labels, np.clip(probs, 1e-7, 1.0), labels=list(range(probs.shape[1]))))
 
 
 MEMBER_TEMPERATURE_RANGE = (0.25, 4.0)
@@ -100,8 +118,9 @@ def _temperatures_of(config: dict[str, Any], m: int) -> list[float]:
 
 
 def apply_member_temperatures(member_probs: np.ndarray, temperatures: Sequence[float]) -> np.ndarray:
-    """Each member's column (N, M) at its own temperature (M,)."""
-    return np.stack([apply_temperature(member_probs[:, j], t) for j, t in enumerate(temperatures)], axis=1)
+    """Each member's probabilities, (N, M) p(lens) or (N, M, C), at its own temperature (M,)."""
+    scale = apply_temperature if member_probs.ndim == 2 else apply_class_temperature
+    return np.stack([scale(member_probs[:, j], t) for j, t in enumerate(temperatures)], axis=1)
 
 
 def _score_weights(
@@ -121,7 +140,8 @@ def _score_weights(
 
 
 def search_weights(member_probs: np.ndarray, labels: np.ndarray, settings: EnsembleConfig) -> dict[str, Any]:
-    """Search the weights of members' validation probabilities (N, M) with Ray Tune's Optuna search
+    """Search the weights of members' validation probabilities (N, M) p(lens) or (N, M, C) with Ray
+    Tune's Optuna search
     algorithm (TPE): the best weights (M,, summing to 1), their objective, and the objectives of
     equal weights and of each member alone on the same data.
 
@@ -235,8 +255,12 @@ def _version_description(
             f"Validation: ROC AUC {val_auc:.4f}, {obj} {search['val_objective']:.4f} "
             f"(equal weights {search['equal_weights_val_objective']:.4f}, "
             f"best member {search['best_member_val_objective']:.4f}); temperature {temperature:.3f}; "
-            f"threshold {operating['threshold']:.4f} ({point.kind} {point.value:g}: "
-            f"validation TPR {operating['val_tpr']:.3f}, FPR {operating['val_fpr']:.4f}).",
+            + (
+                f"threshold {operating['threshold']:.4f} ({point.kind} {point.value:g}: "
+                f"validation TPR {operating['val_tpr']:.3f}, FPR {operating['val_fpr']:.4f})."
+                if "val_tpr" in operating
+                else "label: the most probable class."
+            ),
             "",
             f"Promotion: {why}.",
         ]
@@ -244,10 +268,11 @@ def _version_description(
 
 
 def champion_objective(
-    cfg: Config, images: np.ndarray, labels: np.ndarray, download_to: Path
+    cfg: Config, images: np.ndarray, labels: np.ndarray, download_to: Path, classes: tuple[str, ...]
 ) -> dict[str, Any]:
-    """The current champion's objective on these validation images (its calibrated ``p_lens``):
-    ``{"value", "version", "why"}``, value None when there is no champion or it takes other images."""
+    """The current champion's objective on these validation images (its calibrated probabilities):
+    ``{"value", "version", "why"}``, value None when there is no champion or it takes other images
+    or classes."""
     try:
         loaded = tracking.load_ensemble(cfg, download_to)
     except TrackingError:
@@ -257,7 +282,11 @@ def champion_objective(
         theirs = loaded.predictor.image_shape
         why = f"the champion (version {loaded.version}) takes {theirs} images, not {shape}: not comparable"
         return {"value": None, "version": loaded.version, "why": why}
-    p = loaded.predictor.predict(images)["p_lens"]
+    if loaded.predictor.classes != classes:
+        theirs = list(loaded.predictor.classes)
+        why = f"the champion (version {loaded.version}) tells {theirs} apart, not {list(classes)}"
+        return {"value": None, "version": loaded.version, "why": why}
+    p = loaded.predictor.predict(images)["probs"]  # (N, C) calibrated
     value = objective_value(cfg.ensemble.objective, labels, p)
     return {"value": value, "version": loaded.version, "why": "compared on the same validation data"}
 
@@ -322,11 +351,19 @@ def _weigh_and_register(
     promote: bool,
     tmp: Path,
 ) -> dict[str, Any]:
-    """Member probabilities on validation, the weight search, the temperature, the registration."""
-    # (N, M): each member once, with Ray Data, at its own input scale.
+    """Member probabilities on validation, the weight search, the temperature, the registration.
+
+    Two classes (lens finding) work on p(lens): (N, M) member probabilities, a calibrated threshold at
+    the operating point. More classes work on (N, M, C), and the label is the most probable class.
+    """
+    # (N, M, C): each member once, with Ray Data, at its own input scale.
     probs, labels = validation_probabilities(cfg, dataset_uri, sources)
     images, champion_labels, _ = load_split(dataset_uri, "val", cfg.storage)
     members = [s.load() for s in sources]
+    classes = members[0].model.classes
+    binary = len(classes) == 2
+    if binary:
+        probs = probs[:, :, 1]  # (N, M) p(lens)
     shape = tuple(int(s) for s in images.shape[1:])
     info = {"dataset_id": dataset_id, "config_hash": cfg.hash()}
     point = cfg.ensemble.operating_point
@@ -335,17 +372,22 @@ def _weigh_and_register(
     weights = search["weights"]
     for m, w, t in zip(members, weights, search["temperatures"], strict=True):
         m.weight, m.temperature = float(w), float(t)
-    probs = apply_member_temperatures(probs, search["temperatures"])  # (N, M) as the predictor gives
-    # Calibration on validation: one temperature for the weighted probability (N,).
+    probs = apply_member_temperatures(probs, search["temperatures"])  # as the predictor gives
+    # Calibration on validation: one temperature for the weighted probabilities, (N,) or (N, C).
     p_val = combine(probs, weights)
-    val_auc = float(roc_auc_score(labels, p_val))
+    val_auc = roc_auc(labels, p_val)
     temperature = fit_temperature(labels, p_val)
+    p_cal = (apply_temperature if binary else apply_class_temperature)(p_val, temperature)
     bins = cfg.evaluate.calibration_bins
-    val_ece = expected_calibration_error(labels, p_val, bins)
-    p_cal = apply_temperature(p_val, temperature)
-    val_ece_cal = expected_calibration_error(labels, p_cal, bins)
-    operating = choose_threshold(labels, p_cal, point)
-    operating_point = {**point.model_dump(mode="json"), **operating}
+    if binary:
+        val_ece = expected_calibration_error(labels, p_val, bins)
+        val_ece_cal = expected_calibration_error(labels, p_cal, bins)
+        operating = choose_threshold(labels, p_cal, point)
+        operating_point = {**point.model_dump(mode="json"), **operating}
+    else:  # calibration read as the log loss; the label is the most probable class
+        val_ece, val_ece_cal = _log_loss(labels, p_val), _log_loss(labels, p_cal)
+        operating = {"threshold": 0.5}
+        operating_point = {"kind": "argmax", "threshold": 0.5}
     info |= {"operating_point": operating_point}
     predictor = EnsemblePredictor(
         members, shape, operating["threshold"], info, temperature=temperature, tta=tta
@@ -353,7 +395,7 @@ def _weigh_and_register(
     out_dir = tmp / "ensemble"
     predictor.save(out_dir)
 
-    member_aucs = [float(roc_auc_score(labels, probs[:, j])) for j in range(len(members))]
+    member_aucs = [roc_auc(labels, probs[:, j]) for j in range(len(members))]
     tracking.log_metrics(
         cfg,
         run_id,
@@ -364,12 +406,18 @@ def _weigh_and_register(
             f"best_member_val_{cfg.ensemble.objective}": search["best_member_val_objective"],
             "weight_search_trials": search["trials"],
             "temperature": temperature,
-            "val_ece_uncalibrated": val_ece,
-            "val_ece": val_ece_cal,
-            "threshold": operating["threshold"],
-            "val_tpr_at_threshold": operating["val_tpr"],
-            "val_fpr_at_threshold": operating["val_fpr"],
-            "val_purity_at_threshold": operating["val_purity"],
+            **(
+                {
+                    "val_ece_uncalibrated": val_ece,
+                    "val_ece": val_ece_cal,
+                    "threshold": operating["threshold"],
+                    "val_tpr_at_threshold": operating["val_tpr"],
+                    "val_fpr_at_threshold": operating["val_fpr"],
+                    "val_purity_at_threshold": operating["val_purity"],
+                }
+                if binary
+                else {"val_log_loss_uncalibrated": val_ece, "val_log_loss": val_ece_cal}
+            ),
             **{f"weight_{j}": float(w) for j, w in enumerate(weights)},
             **{f"member_temperature_{j}": float(t) for j, t in enumerate(search["temperatures"])},
             **{f"member_val_auc_{j}": a for j, a in enumerate(member_aucs)},
@@ -377,7 +425,7 @@ def _weigh_and_register(
     )
     # The same measure for both: the objective of the calibrated p_lens on these images.
     new_value = objective_value(cfg.ensemble.objective, labels, p_cal)
-    champion = champion_objective(cfg, images, champion_labels, tmp / "champion")
+    champion = champion_objective(cfg, images, champion_labels, tmp / "champion", classes)
     promoted, why = decide_promotion(new_value, champion, promote)
     log.info("ensemble %s: %s", "promoted to champion" if promoted else "registered as challenger", why)
     tracking.log_metrics(
@@ -426,8 +474,10 @@ def _weigh_and_register(
         "weight_search_trials": search["trials"],
         "operating_point": operating_point,
         "temperature": temperature,
-        "val_ece_uncalibrated": val_ece,
-        "val_ece": val_ece_cal,
+        "classes": list(classes),
+        # Two classes: the expected calibration error; more: the log loss, before and after.
+        "val_ece_uncalibrated" if binary else "val_log_loss_uncalibrated": val_ece,
+        "val_ece" if binary else "val_log_loss": val_ece_cal,
         "dataset_uri": dataset_uri,
         "mlflow_run_id": run_id,
         "promoted": promoted,

@@ -145,7 +145,8 @@ def validation_dataset(cfg: Config, sources: list[MemberSource]) -> str:
 
 class MemberScorer:
     """A Ray Data callable class: one member, loaded once per actor from the object store, giving
-    ``row_id``, ``label`` and ``p`` (its sigmoid probability, TTA-averaged when asked) per image."""
+    ``row_id``, ``label`` and ``p0`` ... ``p{C-1}`` (its class probabilities, TTA-averaged when
+    asked) per image."""
 
     def __init__(self, member: Any, image_shape: list[int], tta: bool, on_gpu: bool) -> None:
         import ray
@@ -159,24 +160,33 @@ class MemberScorer:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = decode_images(batch["image"], self.shape)  # (N, C, H, W) at the dataset's size
-        p = self.predictor.member_probabilities(images)[:, 0]  # (N,), the member resizes itself
-        return {"row_id": batch["row_id"], "label": batch["label"], "p": p}
+        p = self.predictor.member_class_probabilities(images)[:, 0]  # (N, C); the member resizes itself
+        return {
+            "row_id": batch["row_id"],
+            "label": batch["label"],
+            **{f"p{c}": p[:, c] for c in range(p.shape[1])},
+        }
 
 
 def validation_probabilities(
     cfg: Config, dataset_uri: str, sources: list[MemberSource]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Each member's probabilities on the validation split, with Ray Data: (N, M) float64 and the
-    labels (N,), rows in ``row_id`` order."""
+    """Each member's class probabilities on the validation split, with Ray Data: (N, M, C) float64
+    and the labels (N,), rows in ``row_id`` order."""
     import ray
 
     manifest = read_manifest(dataset_uri, cfg.storage)
     shape = list(manifest.image_shape)
     sc = cfg.scoring
     columns, labels, row_ids = [], None, None
+    classes: set[tuple[str, ...]] = set()
     for j, s in enumerate(sources):
         blob = s.file.read_bytes()  # read once: checked here, scored from the object store
-        in_chans = int(load_classifier(io.BytesIO(blob))[1]["in_chans"])
+        model, meta = load_classifier(io.BytesIO(blob))
+        in_chans = int(meta["in_chans"])
+        classes.add(model.classes)
+        if len(classes) > 1:
+            raise ConfigError(f"the members tell different classes apart: {sorted(classes)}")
         if in_chans != shape[0]:
             raise ConfigError(
                 f"member {s.name!r} ({s.source}) takes {in_chans} band(s); dataset {manifest.dataset_id} "
@@ -206,7 +216,10 @@ def validation_probabilities(
 
 
 def _sorted_rows(tables: list[Any]) -> dict[str, np.ndarray]:
+    """Rows in ``row_id`` order: ``row_id``, ``label`` (N,) and ``p`` (N, C) from the p0.. columns."""
     import pyarrow as pa
 
     table = pa.concat_tables(tables).sort_by("row_id")
-    return {k: table.column(k).to_numpy() for k in ("row_id", "label", "p")}
+    n_cls = sum(1 for name in table.column_names if name.startswith("p") and name[1:].isdigit())
+    p = np.stack([table.column(f"p{c}").to_numpy() for c in range(n_cls)], axis=1)
+    return {"row_id": table.column("row_id").to_numpy(), "label": table.column("label").to_numpy(), "p": p}

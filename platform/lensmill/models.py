@@ -30,6 +30,9 @@ from torch import nn
 
 from lensmill.errors import ModelError
 
+# Lens finding's classes: a member saved before classes were recorded is one of these.
+from lensmill.metrics import CLASS_NAMES
+
 if TYPE_CHECKING:
     from lensmill.config import StorageConfig
 
@@ -277,10 +280,6 @@ def load_pretrained(
     return {"loaded": loaded, "adapted": adapted, "skipped": skipped}
 
 
-# The classes of the lens-finding task; a member saved before classes were recorded is binary.
-BINARY_CLASSES: tuple[str, str] = ("non-lens", "lens")
-
-
 def output_logits(num_classes: int) -> int:
     """Backbone outputs for ``num_classes`` classes: one logit for two (the binary case, sigmoid),
     one per class otherwise (softmax)."""
@@ -317,7 +316,7 @@ class LensClassifier(nn.Module):
         std: list[float],
         scale: list[float] | None = None,
         input_size_px: int | None = None,
-        classes: tuple[str, ...] | list[str] = BINARY_CLASSES,
+        classes: tuple[str, ...] | list[str] = CLASS_NAMES,
     ) -> None:
         super().__init__()
         self.model_name = model_name
@@ -371,7 +370,7 @@ def build_classifier(meta: dict[str, Any]) -> LensClassifier:
         meta["norm_std"],
         meta.get("norm_scale"),
         meta.get("input_size_px"),
-        meta.get("classes") or BINARY_CLASSES,
+        meta.get("classes") or CLASS_NAMES,
     )
 
 

@@ -1,5 +1,6 @@
 """Plots of evaluation results as PNG files: ROC, precision-recall, confusion matrix, score
-histogram, reliability diagram, completeness.
+histogram, reliability diagram, completeness; for C classes one-vs-rest ROC curves and the C x C
+confusion matrix.
 
 matplotlib is imported inside the functions, so importing this module stays cheap; every figure is
 drawn on an explicit Agg canvas and never touches pyplot's global backend or figure state.
@@ -15,7 +16,9 @@ import numpy as np
 from lensmill.metrics import (
     CLASS_NAMES,
     CONFUSION_KEYS,
+    as_class_probs,
     check_arrays,
+    check_class_arrays,
     expected_calibration_error,
     reliability_table,
     tpr_at_max_fp,
@@ -58,6 +61,54 @@ def plot_roc(labels: np.ndarray, probs: np.ndarray, path: Path, title: str = "")
     ax.set_title(title or f"ROC curve (n = {y.size}, lenses = {int(y.sum())})")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_roc_per_class(
+    labels: np.ndarray, probs: np.ndarray, classes: tuple[str, ...] | list[str], path: Path, title: str = ""
+) -> Path:
+    """One-vs-rest ROC curve of each class of (N, C) probabilities (AUC in the legend), the macro
+    and micro AUC in the title, to a PNG."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    y, p = check_class_arrays(labels, as_class_probs(probs))
+    onehot = np.eye(p.shape[1], dtype=np.int64)[y]  # (N, C)
+    fig = _new_figure(5.0, 5.0)
+    ax = fig.add_subplot()
+    aucs = []
+    for c, name in enumerate(classes):
+        if onehot[:, c].min() == onehot[:, c].max():
+            continue  # a class absent from (or alone in) the set has no ROC curve
+        fpr, tpr, _ = roc_curve(onehot[:, c], p[:, c])
+        aucs.append(roc_auc_score(onehot[:, c], p[:, c]))
+        ax.plot(fpr, tpr, lw=2, label=f"{name} vs rest (AUC = {aucs[-1]:.3f}, n = {int(onehot[:, c].sum())})")
+    ax.plot([0, 1], [0, 1], ls="--", lw=1, color="grey", label="chance")
+    micro = roc_auc_score(onehot.ravel(), p.ravel()) if len(aucs) == p.shape[1] else float("nan")
+    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="False positive rate", ylabel="True positive rate")
+    ax.set_title(title or f"One-vs-rest ROC: macro AUC {np.mean(aucs):.3f}, micro {micro:.3f}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    return _save(fig, path)
+
+
+def plot_class_confusion(matrix: list[list[int]], classes: tuple[str, ...] | list[str], path: Path) -> Path:
+    """A C x C confusion matrix (rows: true class, columns: predicted; counts and row %) to a PNG."""
+    grid = np.asarray(matrix, dtype=np.int64)
+    row_sums = grid.sum(axis=1, keepdims=True)
+    frac = np.divide(grid, row_sums, out=np.zeros(grid.shape, dtype=np.float64), where=row_sums > 0)
+    k = len(classes)
+    fig = _new_figure(1.2 * k + 2.4, 1.1 * k + 1.8)
+    ax = fig.add_subplot()
+    image = ax.imshow(frac, cmap="Blues", vmin=0.0, vmax=1.0)
+    for i in range(k):
+        for j in range(k):
+            colour = "white" if frac[i, j] > 0.5 else "black"
+            ax.text(j, i, f"{grid[i, j]}\n({100 * frac[i, j]:.1f}%)", ha="center", va="center", color=colour)
+    ax.set_xticks(range(k), labels=list(classes))
+    ax.set_yticks(range(k), labels=list(classes))
+    ax.set(xlabel="predicted class (most probable)", ylabel="true class")
+    ax.set_title("Confusion matrix")
+    fig.colorbar(image, ax=ax, label="fraction of true class")
     return _save(fig, path)
 
 

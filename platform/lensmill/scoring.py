@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from lensmill.catalog import score_columns
 from lensmill.config import Config
 from lensmill.layout import predictions_uri
 from lensmill.runtime import actor_pool_options
@@ -42,11 +43,16 @@ class EnsembleScorer:
             raise ValueError(f"model takes images {self.predictor.image_shape}, dataset has {self.shape}")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = self.predictor.predict(decode_images(batch["image"], self.shape))
+        p = self.predictor
+        out = p.predict(decode_images(batch["image"], self.shape))
         scored = {k: batch[k] for k in KEEP_COLUMNS if k in batch}
-        scored |= {"p_lens": out["p_lens"], "predicted_label": out["label"], "spread": out["spread"]}
-        for j in range(len(self.predictor.member_names)):  # names may hold ':' or '@': index columns
-            scored[f"p_member_{j}"] = out["member_probs"][:, j]
+        scored |= {"predicted_label": out["label"], "spread": out["spread"]}
+        # Member names may hold ':' or '@': columns are indexed (``catalog.score_columns``).
+        class_columns, member_columns = score_columns(p.classes, p.member_names)
+        first = len(p.classes) - len(class_columns)  # lens finding shows p(lens) only
+        scored |= {c: out["probs"][:, first + k] for k, c in enumerate(class_columns)}
+        flat = out["member_class_probs"][:, :, first:].reshape(len(out["label"]), -1)  # member-major
+        scored |= {c: flat[:, k] for k, c in enumerate(member_columns)}
         return scored
 
 
@@ -76,13 +82,18 @@ def score_dataset(
     out = locate(out_uri, cfg.storage)
     scored.write_parquet(out.path, filesystem=out.filesystem if is_s3(out.uri) else None, mode="overwrite")
     table = _read_predictions(out_uri, cfg)
+    predicted = table.column("predicted_label").to_numpy()
+    summary = {"dataset_uri": dataset_uri, "split": split, "out_uri": out_uri, "rows": table.num_rows}
+    if "p_lens" not in table.column_names:  # C classes: how many of each were predicted
+        classes = [
+            c.removeprefix("p_") for c in table.column_names if c.startswith("p_") and "member" not in c
+        ]
+        return summary | {
+            "predicted_per_class": {c: int((predicted == k).sum()) for k, c in enumerate(classes)}
+        }
     p = table.column("p_lens").to_numpy()
-    return {
-        "dataset_uri": dataset_uri,
-        "split": split,
-        "out_uri": out_uri,
-        "rows": table.num_rows,
-        "predicted_lenses": int((table.column("predicted_label").to_numpy() == 1).sum()),
+    return summary | {
+        "predicted_lenses": int((predicted == 1).sum()),
         "p_lens_quantiles": dict(
             zip(["p05", "p50", "p95"], np.quantile(p, [0.05, 0.5, 0.95]).tolist(), strict=True)
         ),

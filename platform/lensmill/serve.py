@@ -7,8 +7,8 @@ HTTP contract (the README's "Keep the endpoint up and query it" shows it in use)
   ``.npy``). Each file is decoded by ``lensmill.images``, exactly as ``lensmill import`` decodes it
   (PNG grayscale -> 1 channel, colour -> 3, values as stored), and must hold one image of the model's
   (C, H, W); a 4-D ``.npy`` holds a stack (N, C, H, W). Answers ``{"model": {"name", "version"},
-  "predictions": [{"p_lens", "label", "members", "spread"}, ...]}``, one prediction per image, in
-  request order (files in upload order).
+  "predictions": [{"label", "class", "probabilities", "members", "spread"[, "p_lens"]}, ...]}``, one
+  prediction per image, in request order (files in upload order); ``p_lens`` for lens finding.
 - ``GET /healthz`` and ``GET /v1/model``; OpenAPI at ``/docs``.
 - Client mistakes answer 4xx with ``{"error": "..."}``.
 
@@ -193,17 +193,32 @@ def decode_request(
     return images
 
 
-def predictions_of(out: dict[str, np.ndarray], member_names: list[str]) -> list[dict[str, Any]]:
-    """``EnsemblePredictor.predict`` output -> the response's ``predictions``, one per image."""
-    return [
-        {
-            "p_lens": float(out["p_lens"][i]),
-            "label": int(out["label"][i]),
-            "members": {n: float(p) for n, p in zip(member_names, out["member_probs"][i], strict=True)},
+def predictions_of(
+    out: dict[str, np.ndarray], member_names: list[str], classes: tuple[str, ...]
+) -> list[dict[str, Any]]:
+    """``EnsemblePredictor.predict`` output -> the response's ``predictions``, one per image: the
+    calibrated ``probabilities`` per class, ``label`` and its ``class``, the members' ``spread``;
+    two classes (lens finding) add ``p_lens`` and give each member's p(lens), more classes each
+    member's probabilities per class."""
+    rows = []
+    for i in range(len(out["label"])):
+        label = int(out["label"][i])
+        row: dict[str, Any] = {
+            "label": label,
+            "class": classes[label],
+            "probabilities": {c: float(p) for c, p in zip(classes, out["probs"][i], strict=True)},
             "spread": float(out["spread"][i]),
         }
-        for i in range(len(out["p_lens"]))
-    ]
+        if len(classes) == 2:
+            row["p_lens"] = float(out["p_lens"][i])
+            row["members"] = {n: float(p) for n, p in zip(member_names, out["member_probs"][i], strict=True)}
+        else:
+            row["members"] = {
+                n: {c: float(p) for c, p in zip(classes, ps, strict=True)}
+                for n, ps in zip(member_names, out["member_class_probs"][i], strict=True)
+            }
+        rows.append(row)
+    return rows
 
 
 def api_key_digest(serve_cfg: ServeConfig) -> str | None:
@@ -276,10 +291,20 @@ class ModelRef(BaseModel):
 
 
 class Prediction(BaseModel):
-    p_lens: float = Field(description="ensemble probability that the image shows a strong lens")
-    label: int = Field(description="1 when p_lens >= threshold")
-    members: dict[str, float] = Field(description="each member's probability")
-    spread: float = Field(description="weighted standard deviation of the members' probabilities")
+    label: int = Field(
+        description="lens finding: 1 when p_lens >= threshold; more classes: the most probable"
+    )
+    class_name: str = Field(alias="class", description="the label's class name")
+    probabilities: dict[str, float] = Field(description="calibrated ensemble probability of each class")
+    p_lens: float | None = Field(
+        None, description="lens finding: ensemble probability that the image shows a strong lens"
+    )
+    members: dict[str, float] | dict[str, dict[str, float]] = Field(
+        description="each member's p_lens (lens finding) or probability of each class"
+    )
+    spread: float = Field(
+        description="weighted standard deviation of the members' probabilities of the label"
+    )
 
 
 class PredictResponse(BaseModel):
@@ -299,6 +324,7 @@ class ModelInfo(BaseModel):
     version: str
     source: str
     image_shape: list[int]
+    classes: list[str]
     threshold: float
     dataset_id: str | None
     members: list[MemberInfo]
@@ -459,6 +485,7 @@ class LensEndpoint:
             "version": self.model_version,
             "source": self.source,
             "image_shape": list(p.image_shape),
+            "classes": list(p.classes),
             "threshold": p.threshold,
             "dataset_id": p.info.get("dataset_id"),
             "members": members,
@@ -484,7 +511,7 @@ class LensEndpoint:
         out = await self.batcher.submit(images)
         return {
             "model": {"name": self.model_name, "version": self.model_version},
-            "predictions": predictions_of(out, self.predictor.member_names),
+            "predictions": predictions_of(out, self.predictor.member_names, self.predictor.classes),
         }
 
 

@@ -221,7 +221,8 @@ def _pyfunc_model():  # defined lazily so that importing lensmill does not impor
     import mlflow.pyfunc
 
     class LensEnsembleModel(mlflow.pyfunc.PythonModel):
-        """``mlflow.pyfunc.load_model(uri).predict(images)`` -> p(lens) per image, images (N, C, H, W)."""
+        """``mlflow.pyfunc.load_model(uri).predict(images)`` for images (N, C, H, W): p(lens) (N,) for
+        lens finding, the (N, classes) calibrated probabilities for more classes."""
 
         def load_context(self, context) -> None:
             from lensmill.predict import EnsemblePredictor
@@ -229,7 +230,8 @@ def _pyfunc_model():  # defined lazily so that importing lensmill does not impor
             self.predictor = EnsemblePredictor.load(Path(context.artifacts["ensemble"]))
 
         def predict(self, context, model_input, params=None):
-            return self.predictor.predict(np.asarray(model_input, dtype=np.float32))["p_lens"]
+            out = self.predictor.predict(np.asarray(model_input, dtype=np.float32))
+            return out["p_lens"] if self.predictor.binary else out["probs"]
 
     return LensEnsembleModel()
 

@@ -48,8 +48,8 @@ from lensmill.layout import (
     run_uri_for,
     runs_uri,
 )
-from lensmill.metrics import roc_auc, tpr_at_max_fp
-from lensmill.models import BINARY_CLASSES, LensClassifier, class_logits, load_pretrained, save_classifier
+from lensmill.metrics import CLASS_NAMES, roc_auc, tpr_at_max_fp
+from lensmill.models import LensClassifier, class_logits, load_pretrained, save_classifier
 from lensmill.records import DatasetManifest, RunInfo, RunSummary, read_record, write_record
 from lensmill.shards import dataset_uri_for, decode_images, read_manifest, read_shards
 from lensmill.storage import StorageError, is_s3, join_uri, list_files, locate, read_json, write_json
@@ -294,7 +294,7 @@ class Normalisation:
         }
 
     def classifier(
-        self, model_name: str, input_size_px: int | None = None, classes: tuple[str, ...] = BINARY_CLASSES
+        self, model_name: str, input_size_px: int | None = None, classes: tuple[str, ...] = CLASS_NAMES
     ) -> LensClassifier:
         scale = list(self.scale) if self.scale is not None else None
         return LensClassifier(
@@ -317,7 +317,7 @@ class WorkerPlan:
     norm: Normalisation
     cache_in_memory: bool
     mlflow_run_id: str | None
-    classes: tuple[str, ...] = BINARY_CLASSES  # the dataset's, in label order
+    classes: tuple[str, ...] = CLASS_NAMES  # the dataset's, in label order
 
     @property
     def shuffle_buffer_rows(self) -> int:
@@ -543,7 +543,7 @@ def normalisation_of(per_chan: np.ndarray, stretch: str) -> Normalisation:
 def dataset_classes(manifest: DatasetManifest) -> tuple[str, ...]:
     """A dataset's class names in label order (lens finding's two when its manifest names none)."""
     classes = getattr(manifest, "classes", None)
-    return tuple(classes) if classes else BINARY_CLASSES
+    return tuple(classes) if classes else CLASS_NAMES
 
 
 def fits_in_memory(cfg: Config, manifest: DatasetManifest) -> bool:

@@ -49,7 +49,7 @@ def plain_app(model_dir: Path) -> FastAPI:
             out = await asyncio.to_thread(predictor.predict, images)
         return {
             "model": {"name": "plain", "version": str(model_dir)},
-            "predictions": predictions_of(out, names),
+            "predictions": predictions_of(out, names, predictor.classes),
         }
 
     return app
