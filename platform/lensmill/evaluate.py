@@ -61,7 +61,7 @@ def write_report(
         scores = dict(scores)
         probs = scores.pop("probs")
         scores = {f"p_{name}": probs[:, c] for c, name in enumerate(classes)} | scores
-    table = params if params is not None else pa.table({})
+    table = params if params is not None else pa.table({"label": np.asarray(labels)})
     # A CSV holds scalars: list columns (a substructure row's subhalos) stay in the shards.
     table = table.drop_columns([f.name for f in table.schema if pa.types.is_nested(f.type)])
     for name, col in [("label", labels), *scores.items()]:

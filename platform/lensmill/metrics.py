@@ -307,7 +307,8 @@ def apply_temperature(probs: Any, temperature: float) -> np.ndarray:
 
 def apply_class_temperature(probs: Any, temperature: float) -> np.ndarray:
     """``softmax(log(p) / T)`` over the classes of (N, C) probabilities, float64; for C = 2 the
-    second column is ``apply_temperature`` of it. T = 1 returns them unchanged; ranks per row kept."""
+    second column is ``apply_temperature`` of it. T = 1 returns them unchanged; each row keeps the
+    order of its classes."""
     p = np.asarray(probs, dtype=np.float64)
     t = _temperature(temperature)
     if t == 1.0:
@@ -340,7 +341,9 @@ def fit_temperature(labels: Any, probs: Any, bounds: tuple[float, float] = (0.05
     probs (N,) binary p(lens) with 0/1 labels, or (N, C) with labels in 0..C-1.
 
     T > 1 when the scores are over-confident, T < 1 when under-confident. A one-parameter fit on the
-    validation split: it changes no ranking, so it cannot overfit the ordering the weights chose.
+    validation split: for two classes it changes no ranking, so it cannot overfit the ordering the
+    weights chose; for more it keeps each row's most probable class (the label), while one class's
+    probability may reorder across rows a little.
     """
     from scipy.optimize import minimize_scalar
     from scipy.special import logsumexp
