@@ -315,6 +315,25 @@ def preview(
     run_command(config, overrides, fn, ray=False)
 
 
+@app.command()
+def probe(
+    encoder: Annotated[
+        str, typer.Argument(help="models:/<name>/<version> (a registered encoder), run:<run name> or a file.")
+    ],
+    overrides: Overrides = None,
+    config: ConfigPath = None,
+    targets: Annotated[
+        str, typer.Option(help="Comma-separated columns the regression heads predict (those present).")
+    ] = "theta_e_arcsec,subhalo_mass_fraction",
+) -> None:
+    """A frozen encoder's features under a linear probe (classes) and ridge regression heads (e.g. the
+    Einstein radius), fitted on the train split and scored on the test split; logged to MLflow."""
+    from lensmill.representation import probe_encoder
+
+    wanted = tuple(t.strip() for t in targets.split(",") if t.strip())
+    run_command(config, overrides, lambda cfg: probe_encoder(cfg, encoder, wanted), ray=False)
+
+
 bench_app = typer.Typer(
     name="bench", help="Benchmarks, each against a baseline in the same run.", no_args_is_help=True
 )

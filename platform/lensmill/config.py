@@ -556,7 +556,25 @@ class TrainConfig(_Frozen):
     # PNG's counts), which a second compressive stretch flattens where faint arcs meet bright light.
     # auto: asinh when the training pixels include negative values (sky noise), linear otherwise.
     stretch: Literal["auto", "asinh", "linear"] = "auto"
+    # What the network learns: classify (cross-entropy of the classes), reconstruct (the mean squared
+    # error of its decoder's image of the normalised input: self-supervised pretraining, no labels
+    # used) or multitask (cross-entropy + reconstruction_weight x that error, one shared encoder).
+    # reconstruct and multitask need an autoencoder model (conv_ae).
+    objective: Literal["classify", "reconstruct", "multitask"] = "classify"
+    reconstruction_weight: float = Field(1.0, gt=0)
 
+    @model_validator(mode="after")
+    def _objective_needs_a_decoder(self) -> TrainConfig:
+        if self.objective != "classify" and self.model not in AUTOENCODER_MODELS:
+            raise ValueError(
+                f"objective: {self.objective} needs an autoencoder (model: {', '.join(AUTOENCODER_MODELS)}), "
+                f"not {self.model!r}"
+            )
+        return self
+
+
+# Models with a decoder (lensmill.models.EncoderNet), for train.objective reconstruct / multitask.
+AUTOENCODER_MODELS = ("conv_ae",)
 
 # The train settings a Tune search space may sample; integer ones take a choice.
 SWEEPABLE = (
@@ -749,6 +767,8 @@ class TrackingConfig(_Frozen):
     experiment: str = "lensmill"
     registered_model: str = "lens-ensemble"
     alias: str = "champion"
+    # Where encoders trained with train.objective reconstruct / multitask are registered.
+    encoder_model: str = "lens-encoder"
 
 
 class ServeAutoscaling(_Frozen):

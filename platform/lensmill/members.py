@@ -85,15 +85,8 @@ def _run_source(cfg: Config, index: int, name: str, dst: Path) -> list[MemberSou
 
 
 def _registry_source(cfg: Config, index: int, uri: str, dst: Path) -> list[MemberSource]:
-    rest = uri[len("models:/") :]
-    if "@" in rest:
-        name, alias = rest.split("@", 1)
-        ref = "@" + alias
-    else:
-        name, _, ref = rest.rpartition("/")
-    if not name or ref in ("", "@"):
-        raise ConfigError(f"ensemble.members[{index}]: {uri!r} names no version (models:/<name>/<version>)")
     try:
+        name, ref = tracking.parse_model_uri(uri)
         got = tracking.download_version(cfg, name, ref, dst)
     except TrackingError as exc:
         raise ConfigError(f"ensemble.members[{index}]: {exc}") from None

@@ -40,6 +40,9 @@ _TORCHVISION = ("resnet18", "resnet34")
 _SMALL_STEM = "_small_stem"
 _VIT = ("vit_b_16",)
 _CUTOUT_VIT = "vit_cutout_tiny"
+# The autoencoder (encoder + decoder + head) and its encoder alone as a classifier.
+AUTOENCODER = "conv_ae"
+_ENCODER = "conv_encoder"
 # torchvision's ViT-B/16 has a fixed 14x14 grid of 16-pixel patches.
 VIT_IMAGE_SIZE = 224
 # Prefixes a saved state_dict may carry around the backbone's own keys (DDP, LensClassifier).
@@ -63,6 +66,69 @@ class TinyCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # (N, C, H, W) -> (N, F, H/8, W/8) -> global average -> (N, num_classes)
         return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+def _conv_stage(c_in: int, c_out: int) -> nn.Sequential:
+    """Two 3x3 conv-BN-ReLU, the first with stride 2: (N, c_in, H, W) -> (N, c_out, H/2, W/2)."""
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),
+        nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),
+    )  # fmt: skip
+
+
+def _deconv_stage(c_in: int, c_out: int, last: bool = False) -> nn.Sequential:
+    """A stride-2 transposed conv (and, except for the output, BN-ReLU and a 3x3 conv):
+    (N, c_in, H, W) -> (N, c_out, 2H, 2W)."""
+    up = nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1)
+    if last:
+        return nn.Sequential(up)
+    return nn.Sequential(
+        up, nn.BatchNorm2d(c_out), nn.ReLU(),
+        nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),
+    )  # fmt: skip
+
+
+class EncoderNet(nn.Module):
+    """A convolutional encoder (4 stride-2 stages, ``width`` x 1, 2, 4, 8 channels), a linear head on
+    its pooled features and, for ``conv_ae``, a mirrored decoder that reconstructs the input: the
+    DeepLense foundation-model recipe. The encoder's keys (``encoder.*``) are the same in both
+    names, so a ``conv_ae`` trained on reconstruction initialises a ``conv_encoder`` classifier
+    (``train.pretrained_uri``)."""
+
+    def __init__(self, in_chans: int, num_classes: int, width: int = 32, decoder: bool = False) -> None:
+        super().__init__()
+        chans = [width * 2**i for i in range(4)]
+        self.encoder = nn.Sequential(
+            *(_conv_stage(c, o) for c, o in zip([in_chans, *chans[:-1]], chans, strict=True))
+        )
+        self.num_features = chans[-1]
+        self.head = nn.Linear(self.num_features, num_classes)
+        self.decoder = (
+            nn.Sequential(
+                *(_deconv_stage(c, o) for c, o in zip(chans[:0:-1], chans[-2::-1], strict=True)),
+                _deconv_stage(chans[0], in_chans, last=True),
+            )
+            if decoder
+            else None
+        )
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        # (N, C, H, W) -> (N, F, H/16, W/16) -> global average -> (N, F)
+        return self.encoder(x).mean(dim=(2, 3))
+
+    def forward(self, x: torch.Tensor, reconstruct: bool = False) -> Any:
+        """(N, C, H, W) -> (N, num_classes) logits; with ``reconstruct`` also (N, C, H, W), the
+        decoder's image from the same encoding."""
+        z = self.encoder(x)  # (N, F, H/16, W/16)
+        logits = self.head(z.mean(dim=(2, 3)))
+        if not reconstruct:
+            return logits
+        if self.decoder is None:
+            raise ModelError("this model has no decoder: reconstruction needs model conv_ae")
+        recon = self.decoder(z)
+        if recon.shape[-2:] != x.shape[-2:]:  # sizes that are not multiples of 16
+            recon = nn.functional.interpolate(recon, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return logits, recon
 
 
 def _torchvision_resnet(name: str, in_chans: int, num_classes: int, small_stem: bool = False) -> nn.Module:
@@ -145,6 +211,8 @@ def list_models(pattern: str = "") -> list[str]:
         *(n + _SMALL_STEM for n in _TORCHVISION),
         *_VIT,
         _CUTOUT_VIT,
+        AUTOENCODER,
+        _ENCODER,
         "timm:<any timm model>",
     ]
     return [n for n in names if pattern in n]
@@ -181,6 +249,8 @@ def create_model(
         },
         **{n: (lambda n=n: _torchvision_vit(n, in_chans, num_classes)) for n in _VIT},
         _CUTOUT_VIT: lambda: _cutout_vit(in_chans, num_classes),
+        AUTOENCODER: lambda: EncoderNet(in_chans, num_classes, decoder=True),
+        _ENCODER: lambda: EncoderNet(in_chans, num_classes),
     }
     check_model_name(name)
     if name.startswith("timm:"):
@@ -257,7 +327,12 @@ def load_pretrained(
     against our one-logit head) are skipped and keep their fresh initialisation. Raises ValueError
     when nothing matches (the file is for another architecture).
     """
-    src = {_strip_prefixes(k): v for k, v in read_state_dict(source, storage).items()}
+    return load_state(model, read_state_dict(source, storage), str(source))
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> dict[str, list[str]]:
+    """``load_pretrained`` of a state_dict already read (``source`` names it in errors)."""
+    src = {_strip_prefixes(k): v for k, v in state.items()}
     target = model.state_dict()
     loaded, adapted, skipped = [], [], []
     new_state: dict[str, torch.Tensor] = {}
@@ -352,10 +427,22 @@ class LensClassifier(nn.Module):
             )
         return x
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # (N, C, H, W) raw fluxes -> (N,) logits for two classes, (N, num_classes) for more
-        out = self.backbone(self.prepare(x))
+    def forward(self, x: torch.Tensor, reconstruct: bool = False) -> Any:
+        """(N, C, H, W) raw fluxes -> (N,) logits for two classes, (N, num_classes) for more. With
+        ``reconstruct`` (a ``conv_ae`` backbone): (logits, target, reconstruction), the target the
+        normalised input the decoder reproduces, (N, C, H', W') each."""
+        x = self.prepare(x)
+        if reconstruct:
+            out, recon = self.backbone(x, reconstruct=True)
+            return (out.squeeze(-1) if out.shape[-1] == 1 else out), x, recon
+        out = self.backbone(x)
         return out.squeeze(-1) if out.shape[-1] == 1 else out
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) raw fluxes -> (N, F) the encoder's pooled features (encoder backbones)."""
+        if not hasattr(self.backbone, "features"):
+            raise ModelError(f"{self.model_name} exposes no encoder features (use conv_ae or conv_encoder)")
+        return self.backbone.features(self.prepare(x))
 
 
 def _channel_buffer(values: list[float]) -> torch.Tensor:

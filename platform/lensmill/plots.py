@@ -316,3 +316,21 @@ def plot_parallel_coordinates(rows: list[dict[str, Any]], params: list[str], met
     ax.set_xlim(-0.2, len(axes) - 0.5)
     ax.set_title(f"Sweep: {len(rows)} trials, coloured by {metric} ({lo:.3f} to {hi:.3f})", fontsize=10)
     return _save(fig, path)
+
+
+def plot_regression(series: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, title: str = "") -> Path:
+    """Predicted against true values, one panel per target (``{name: (true (N,), predicted (N,))}``),
+    with the identity line and the RMSE, to a PNG."""
+    fig = _new_figure(4.2 * len(series), 4.2)
+    axes = fig.subplots(1, len(series), squeeze=False)[0]
+    for ax, (name, (truth, pred)) in zip(axes, series.items(), strict=True):
+        rmse = float(np.sqrt(np.mean((pred - truth) ** 2)))
+        ax.scatter(truth, pred, s=4, alpha=0.4)
+        lo, hi = float(min(truth.min(), pred.min())), float(max(truth.max(), pred.max()))
+        ax.plot([lo, hi], [lo, hi], color="grey", ls="--", lw=1)
+        ax.set(xlabel=f"true {name}", ylabel=f"predicted {name}")
+        ax.set_title(f"{name}: RMSE {rmse:.4g} (n = {truth.size})", fontsize=9)
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, path)

@@ -165,6 +165,7 @@ class RunInfo(_Record):
     in_chans: PositiveInt
     pretrained_uri: str | None = None
     cache_in_memory: bool
+    objective: Literal["classify", "reconstruct", "multitask"] = "classify"
 
 
 class RunSummary(RunInfo):
@@ -179,6 +180,8 @@ class RunSummary(RunInfo):
     checkpoint_uri: str  # the best checkpoint's folder
     member_file: str  # the weights inside it
     history: tuple[dict[str, Any], ...]  # one entry per epoch (train.train_fn_per_worker's metrics)
+    # A reconstruct / multitask run's encoder, registered in MLflow (models:/<name>/<version>).
+    encoder_uri: str | None = None
 
     def at_best_epoch(self, key: str) -> float:
         """A metric of the best epoch (NaN when the history does not hold it)."""

@@ -277,6 +277,77 @@ def register_ensemble(
     }
 
 
+# The file of a registered encoder: a ``models.save_classifier`` file (normalisation and weights of
+# an encoder backbone, decoder and head included), read by ``models.load_pretrained``.
+ENCODER_FILE = "encoder.pt"
+
+
+def _pyfunc_encoder():  # lazily, as _pyfunc_model
+    import mlflow.pyfunc
+
+    class EncoderModel(mlflow.pyfunc.PythonModel):
+        """``mlflow.pyfunc.load_model(uri).predict(images)`` -> the encoder's features (N, F) of
+        raw images (N, C, H, W), normalised as in training."""
+
+        def load_context(self, context) -> None:
+            from lensmill.models import load_classifier
+
+            self.model = load_classifier(Path(context.artifacts["encoder"]) / ENCODER_FILE)[0]
+
+        def predict(self, context, model_input, params=None):
+            import torch
+
+            with torch.inference_mode():
+                x = torch.from_numpy(np.asarray(model_input, dtype=np.float32))
+                return self.model.features(x).numpy()
+
+    return EncoderModel()
+
+
+def register_encoder(
+    cfg: Config, run_id: str, member_file: Path, description: str, tags: dict[str, str]
+) -> dict[str, Any]:
+    """Log a trained encoder (a ``conv_ae`` / ``conv_encoder`` member file) as a pyfunc model in
+    ``run_id`` and register it as ``tracking.encoder_model``; ``train.pretrained_uri`` takes the
+    returned ``version_uri`` (``models:/<name>/<version>``)."""
+    import shutil
+    import tempfile
+
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri_for(cfg))
+    mlflow.set_registry_uri(tracking_uri_for(cfg))
+    name = cfg.tracking.encoder_model
+    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
+        shutil.copyfile(member_file, Path(tmp) / ENCODER_FILE)
+        info = mlflow.pyfunc.log_model(
+            name="encoder",
+            python_model=_pyfunc_encoder(),
+            artifacts={"encoder": tmp},
+            pip_requirements=PIP_REQUIREMENTS,
+            registered_model_name=name,
+        )
+    version = str(info.registered_model_version)
+    c = client(cfg)
+    c.update_model_version(name, version, description=description)
+    for key, value in tags.items():
+        c.set_model_version_tag(name, version, key, value)
+    return {"name": name, "version": version, "version_uri": f"models:/{name}/{version}"}
+
+
+def download_encoder(cfg: Config, uri: str, dst_dir: Path) -> Path:
+    """The local file of a registered encoder, ``uri`` ``models:/<name>/<version>`` or
+    ``models:/<name>@<alias>``."""
+    rest = uri.removeprefix("models:/")
+    name, ref = rest.split("@", 1) if "@" in rest else rest.rsplit("/", 1) if "/" in rest else (rest, "")
+    if not name or not ref:
+        raise TrackingError(
+            f"{uri!r} names no version: use models:/<name>/<version> or models:/<name>@<alias>"
+        )
+    got = download_version(cfg, name, f"@{ref}" if "@" in rest else ref, dst_dir, marker=ENCODER_FILE)
+    return Path(got["path"]) / ENCODER_FILE
+
+
 TEST_LINE_PREFIX = "Test ("
 
 
@@ -302,13 +373,17 @@ def download_champion(cfg: Config, dst_dir: Path) -> dict[str, Any]:
     return download_version(cfg, cfg.tracking.registered_model, f"@{cfg.tracking.alias}", dst_dir)
 
 
-def download_version(cfg: Config, name: str, ref: str, dst_dir: Path) -> dict[str, Any]:
-    """Fetch a registered ensemble, ``ref`` a version number or ``@alias``: its local path, name,
-    version and the run that logged it."""
+def download_version(
+    cfg: Config, name: str, ref: str, dst_dir: Path, marker: str | None = None
+) -> dict[str, Any]:
+    """Fetch a registered ensemble (or, with ``marker`` ``ENCODER_FILE``, an encoder), ``ref`` a
+    version number or ``@alias``: the local folder holding ``marker``, name, version and the run
+    that logged it."""
     import mlflow
 
     from lensmill.predict import MANIFEST
 
+    marker = marker or MANIFEST
     try:
         c = client(cfg)
         mv = (
@@ -328,9 +403,9 @@ def download_version(cfg: Config, name: str, ref: str, dst_dir: Path) -> dict[st
     local = mlflow.artifacts.download_artifacts(
         artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(dst_dir), tracking_uri=tracking_uri_for(cfg)
     )
-    found = sorted(Path(local).rglob(MANIFEST))
+    found = sorted(Path(local).rglob(marker))
     if not found:
-        raise TrackingError(f"model {name}/{mv.version} holds no {MANIFEST}")
+        raise TrackingError(f"model {name}/{mv.version} holds no {marker}")
     return {"path": found[0].parent, "name": name, "version": str(mv.version), "run_id": mv.run_id}
 
 

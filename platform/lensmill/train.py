@@ -49,10 +49,19 @@ from lensmill.layout import (
     runs_uri,
 )
 from lensmill.metrics import CLASS_NAMES, roc_auc, tpr_at_max_fp
-from lensmill.models import LensClassifier, class_logits, load_pretrained, save_classifier
+from lensmill.models import LensClassifier, class_logits, load_state, read_state_dict, save_classifier
 from lensmill.records import DatasetManifest, RunInfo, RunSummary, read_record, write_record
 from lensmill.shards import dataset_uri_for, decode_images, read_manifest, read_shards
-from lensmill.storage import StorageError, is_s3, join_uri, list_files, locate, read_json, write_json
+from lensmill.storage import (
+    StorageError,
+    download_dir,
+    is_s3,
+    join_uri,
+    list_files,
+    locate,
+    read_json,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 Scheduler = torch.optim.lr_scheduler.LRScheduler
@@ -166,25 +175,43 @@ def train_step(
     generator: torch.Generator | None,
     augment_strength: float = 1.0,
     label_smoothing: float = 0.0,
+    objective: str = "classify",
+    reconstruction_weight: float = 1.0,
 ) -> float:
     """One optimizer step on a batch: (B, C, H, W) images, (B,) class indices; the batch's mean loss.
 
-    The loss is the cross-entropy of the (B, K) class logits (``models.class_logits``; a binary
-    model's one logit z is [0, z], so this is the binary cross-entropy of z). ``generator``: dihedral
-    augmentation with it (None = none) of ``augment_strength`` of the images. ``label_smoothing`` s:
-    targets (1 - s) onehot + s / K (for two classes y (1 - s) + s / 2). bf16 autocast on CUDA; the
-    loss and its gradient in float32. Reading the loss back is a device sync on GPU, once per step.
+    ``objective`` (``train.objective``): classify, the cross-entropy of the (B, K) class logits
+    (``models.class_logits``; a binary model's one logit z is [0, z], so this is the binary
+    cross-entropy of z); reconstruct, the mean squared error between the decoder's image and the
+    normalised input (labels unused); multitask, cross-entropy + ``reconstruction_weight`` x that.
+    ``generator``: dihedral augmentation with it (None = none) of ``augment_strength`` of the images.
+    ``label_smoothing`` s: targets (1 - s) onehot + s / K (for two classes y (1 - s) + s / 2). bf16
+    autocast on CUDA; the loss and its gradient in float32. Reading the loss back is a device sync
+    on GPU, once per step.
     """
     if generator is not None and augment_strength > 0:
         x = dihedral_augment(x, generator, augment_strength)
     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True).long()
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        logits = class_logits(model(x))
-    loss = torch.nn.functional.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+        loss = _objective_loss(model, x, y, objective, reconstruction_weight, label_smoothing)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     return float(loss.item())
+
+
+def _objective_loss(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, objective: str, weight: float, smoothing: float
+) -> torch.Tensor:
+    """The training loss of one batch for ``train.objective`` (float32)."""
+    if objective == "classify":
+        return torch.nn.functional.cross_entropy(class_logits(model(x)).float(), y, label_smoothing=smoothing)
+    logits, target, recon = model(x, reconstruct=True)  # through DDP's forward: gradients sync
+    mse = torch.nn.functional.mse_loss(recon.float(), target.float())
+    if objective == "reconstruct":
+        return mse
+    ce = torch.nn.functional.cross_entropy(class_logits(logits).float(), y, label_smoothing=smoothing)
+    return ce + weight * mse
 
 
 def _gather(arr: np.ndarray) -> np.ndarray:
@@ -196,42 +223,65 @@ def _gather(arr: np.ndarray) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def _validate(model: torch.nn.Module, data: ShardBatches, device: torch.device) -> dict[str, float]:
+def _validate(
+    model: torch.nn.Module, data: ShardBatches, device: torch.device, objective: str = "classify"
+) -> dict[str, float]:
     """Validation metrics over the whole split (gathered from every rank: identical on all ranks).
 
-    ``val_auc`` is the ROC AUC (two classes) or the macro one-vs-rest ROC AUC (more): the metric Tune,
-    checkpoints and early stopping rank by, whatever the number of classes.
+    ``val_auc`` is the ROC AUC (two classes) or the macro one-vs-rest ROC AUC (more); an objective
+    that reconstructs adds ``val_recon_mse``. ``val_score`` is what checkpoints and early stopping
+    rank by: ``val_auc``, or ``-val_recon_mse`` for pure reconstruction.
     """
     model.eval()
-    probs, labels = [], []
+    probs, labels, sq_err, values = [], [], 0.0, 0
     with torch.inference_mode():
         for x, y in data.epoch(0, shuffle=False):
-            logits = class_logits(model(x.to(device))).float()  # (B, K)
+            x = x.to(device)
+            if objective == "classify":
+                out = model(x)
+            else:
+                out, target, recon = model(x, reconstruct=True)
+                sq_err += float(((recon.float() - target.float()) ** 2).sum())
+                values += target.numel()
+            logits = class_logits(out).float()  # (B, K)
             probs.append(torch.softmax(logits, dim=1).double().cpu().numpy())
             labels.append(y.numpy())
     n_cls = getattr(model, "module", model).num_classes
     p = _gather(np.concatenate(probs) if probs else np.zeros((0, n_cls)))  # (N, K)
     y = _gather(np.concatenate(labels) if labels else np.zeros(0, np.int64)).astype(np.int64)
     if not len(y):
-        return {"val_auc": math.nan, "val_loss": math.nan, "val_accuracy": math.nan, "val_tpr10": math.nan}
+        return {"val_auc": math.nan, "val_loss": math.nan, "val_accuracy": math.nan, "val_tpr10": math.nan,
+                "val_score": math.nan}  # fmt: skip
     eps = 1e-7
     binary = p.shape[1] == 2
-    return {
+    metrics = {
         "val_auc": roc_auc(y, p),
         "val_loss": float(-np.mean(np.log(p[np.arange(len(y)), y] + eps))),
         "val_accuracy": float(np.mean(p.argmax(axis=1) == y)),
         # Lenses found before the tenth false positive: what a survey search lives on.
         "val_tpr10": tpr_at_max_fp(y, p[:, 1], 9) if binary and len(np.unique(y)) == 2 else math.nan,
     }
+    if objective != "classify":
+        totals = _gather(np.array([sq_err, values], np.float64)).reshape(-1, 2).sum(axis=0)
+        metrics["val_recon_mse"] = float(totals[0] / max(totals[1], 1.0))
+    metrics["val_score"] = -metrics["val_recon_mse"] if objective == "reconstruct" else metrics["val_auc"]
+    return metrics
+
+
+def score_of(metrics: dict[str, Any]) -> float:
+    """What a run's epochs are ranked by (``val_score``; ``val_auc`` in runs recorded before it), NaN
+    counted as the worst."""
+    value = metrics.get("val_score", metrics.get("val_auc"))
+    return -math.inf if value is None or math.isnan(value) else float(value)
 
 
 def should_stop_early(history: list[dict[str, Any]], patience: int | None) -> bool:
-    """True when validation AUC has not improved for ``patience`` epochs (ties are no improvement;
-    a NaN AUC counts as the worst). Depends only on the history, so a resumed run decides the same."""
+    """True when the validation score (``score_of``: the AUC, or the reconstruction error for an
+    autoencoder) has not improved for ``patience`` epochs (ties are no improvement; NaN counts as
+    the worst). Depends only on the history, so a resumed run decides the same."""
     if patience is None or not history:
         return False
-    aucs = [-math.inf if math.isnan(h["val_auc"]) else h["val_auc"] for h in history]
-    best = int(np.argmax(aucs))  # the first of equal maxima
+    best = int(np.argmax([score_of(h) for h in history]))  # the first of equal maxima
     return len(history) - 1 - best >= patience
 
 
@@ -318,6 +368,9 @@ class WorkerPlan:
     cache_in_memory: bool
     mlflow_run_id: str | None
     classes: tuple[str, ...] = CLASS_NAMES  # the dataset's, in label order
+    # train.pretrained_uri's weights, read once by the driver (a path, storage URI or registered
+    # encoder) and handed to the workers through the object store: no shared disk needed.
+    pretrained: Any = None  # ray.ObjectRef of a state_dict, or None
 
     @property
     def shuffle_buffer_rows(self) -> int:
@@ -368,8 +421,8 @@ def _restore(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         return Resumed(state["epoch"] + 1, tuple(state["history"]), state["epoch"])
-    if plan.cfg.train.pretrained_uri:
-        load_pretrained(model.backbone, plan.cfg.train.pretrained_uri, plan.cfg.storage)
+    if plan.pretrained is not None:
+        load_state(model.backbone, ray.get(plan.pretrained), str(plan.cfg.train.pretrained_uri))
     return Resumed()
 
 
@@ -407,7 +460,10 @@ def _train_epoch(
             # BatchNorm cannot train on one image; ranks hold equal row counts (Ray Train splits
             # datasets with equal=True), so every rank skips the same step.
             continue
-        loss = train_step(model, optimizer, x, y, device, generator, t.augment_strength, t.label_smoothing)
+        loss = train_step(
+            model, optimizer, x, y, device, generator, t.augment_strength, t.label_smoothing, t.objective,
+            t.reconstruction_weight,
+        )  # fmt: skip
         seen += len(y)
         loss_sum += loss * len(y)
     train_s = time.perf_counter() - t0
@@ -487,7 +543,10 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         # caller still get the run's metrics; every rank reports, as in the loop.
         ray.train.report({k: v for k, v in history[-1].items() if v is not None})
         return
-    model = ray.train.torch.prepare_model(model)
+    # Pure reconstruction leaves the class head without gradients: DDP must be told.
+    model = ray.train.torch.prepare_model(
+        model, parallel_strategy_kwargs={"find_unused_parameters": t.objective == "reconstruct"}
+    )
     device = ray.train.torch.get_device()
     generator = torch.Generator().manual_seed(t.seed * 1000 + rank) if t.augment else None
     train_data, val_data = _worker_data(plan, rank)
@@ -501,7 +560,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             **_train_epoch(model, optimizer, train_data, epoch, device, generator, world, t),
         }
         scheduler.step()
-        metrics |= {"lr": scheduler.get_last_lr()[0], **_validate(model, val_data, device)}
+        metrics |= {"lr": scheduler.get_last_lr()[0], **_validate(model, val_data, device, t.objective)}
         metrics["early_stop"] = should_stop_early([*history, metrics], t.early_stopping_patience)
         history.append(metrics)
         _checkpoint_and_report(plan, rank, model, optimizer, scheduler, metrics, history)
@@ -585,12 +644,57 @@ def fit(
         info = RunInfo(
             run_name=run_name, model=t.model, lr=t.lr, dataset_uri=dataset_uri,
             dataset_id=manifest.dataset_id, mlflow_run_id=run_id, image_shape=shape, in_chans=shape[0],
-            pretrained_uri=t.pretrained_uri, cache_in_memory=cache_in_memory,
+            pretrained_uri=t.pretrained_uri, cache_in_memory=cache_in_memory, objective=t.objective,
         )  # fmt: skip
         write_record(join_uri(run_uri, RUN_INFO_FILE), info, cfg.storage)
-        plan = WorkerPlan(cfg, run_uri, shape, norm, cache_in_memory, run_id, dataset_classes(manifest))
+        pretrained = ray.put(read_pretrained(cfg)) if t.pretrained_uri else None
+        plan = WorkerPlan(
+            cfg, run_uri, shape, norm, cache_in_memory, run_id, dataset_classes(manifest), pretrained
+        )
         _trainer(plan, run_name, dataset_uri, callbacks).fit()
-        return summarize_run(cfg, run_name)
+        summary = summarize_run(cfg, run_name)
+        if t.objective != "classify":
+            summary = _register_encoder(cfg, summary)
+        return summary
+
+
+def read_pretrained(cfg: Config) -> dict[str, torch.Tensor]:
+    """``train.pretrained_uri``'s state_dict: a local path, a storage URI or a registered encoder
+    (``models:/<name>/<version>`` or ``@<alias>``, fetched from the MLflow registry)."""
+    uri = str(cfg.train.pretrained_uri)
+    if not uri.startswith("models:/"):
+        return read_state_dict(uri, cfg.storage)
+    with tempfile.TemporaryDirectory() as tmp:
+        return read_state_dict(tracking.download_encoder(cfg, uri, Path(tmp)))
+
+
+def _register_encoder(cfg: Config, summary: RunSummary) -> RunSummary:
+    """Register the best checkpoint's encoder of a reconstruct / multitask run in MLflow
+    (``tracking.encoder_model``); the summary records its ``models:/`` URI."""
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp)
+        if is_s3(summary.checkpoint_uri):
+            local = download_dir(summary.checkpoint_uri, local, cfg.storage)
+        else:
+            local = Path(summary.checkpoint_uri)
+        best = summary.at_best_epoch("val_recon_mse")
+        description = (
+            f"Encoder of run {summary.run_name} ({summary.model}, train.objective {cfg.train.objective}) on "
+            f"dataset {summary.dataset_id}: best epoch {summary.best_epoch}, validation reconstruction MSE "
+            f"{best:.4g}" + (f", ROC AUC {summary.val_auc:.4f}." if not math.isnan(summary.val_auc) else ".")
+        )
+        tags = {
+            "dataset_id": summary.dataset_id,
+            "run_name": summary.run_name,
+            "objective": cfg.train.objective,
+        }
+        got = tracking.register_encoder(
+            cfg, summary.mlflow_run_id, local / summary.member_file, description, tags
+        )
+    log.info("encoder of %s registered as %s", summary.run_name, got["version_uri"])
+    summary = summary.model_copy(update={"encoder_uri": got["version_uri"]})
+    write_record(join_uri(run_uri_for(cfg, summary.run_name), SUMMARY_FILE), summary, cfg.storage)
+    return summary
 
 
 def _trainer(plan: WorkerPlan, run_name: str, dataset_uri: str, callbacks: list | None) -> Any:
@@ -618,7 +722,7 @@ def _trainer(plan: WorkerPlan, run_name: str, dataset_uri: str, callbacks: list 
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=t.keep_checkpoints,
-                checkpoint_score_attribute="val_auc",
+                checkpoint_score_attribute="val_score",
                 checkpoint_score_order="max",
             ),
             callbacks=callbacks,
@@ -682,11 +786,7 @@ def summarize_run(cfg: Config, run_name: str, stopped_early: bool = False) -> Ru
     except StorageError:
         attempts = []
 
-    def score(r: tuple[str, dict]) -> float:
-        auc = r[1]["metrics"]["val_auc"]
-        return -math.inf if math.isnan(auc) else auc
-
-    best_dir, best = max(reports, key=score)
+    best_dir, best = max(reports, key=lambda r: score_of(r[1]["metrics"]))
     # Ray Train always keeps the latest checkpoint (besides the best K): its history is complete.
     latest = max(reports, key=lambda r: r[1]["metrics"]["epoch"])[1]
     patience_stop = bool(latest["metrics"].get("early_stop"))
