@@ -1,0 +1,96 @@
+"""The autoencoder, the multi-task objective, encoders reused by fine-tuning, and the frozen probes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lensmill.config import load_config
+from lensmill.errors import ConfigError
+from lensmill.models import LensClassifier, load_pretrained, save_classifier
+from lensmill.representation import encoder_features, linear_probe, regression_head
+from lensmill.train import train_step
+
+CLASSES = ("no_sub", "cdm", "vortex")
+
+
+def _batch(n: int = 32, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(n) % 3
+    # A blob whose width is the class: something both the decoder and the head can learn.
+    r2 = (torch.arange(size) - size / 2).view(1, -1) ** 2 + (torch.arange(size) - size / 2).view(-1, 1) ** 2
+    x = torch.exp(-r2 / (2 * (2.0 + 2 * y.float()).view(-1, 1, 1) ** 2)).unsqueeze(1)
+    return x + 0.05 * torch.randn(x.shape, generator=g), y
+
+
+def test_the_autoencoder_reconstructs_its_normalised_input_and_its_encoder_is_shared() -> None:
+    ae = LensClassifier("conv_ae", 1, [0.0], [1.0], classes=CLASSES)
+    x, _ = _batch()
+    logits, target, recon = ae(x, reconstruct=True)
+    assert logits.shape == (32, 3) and recon.shape == target.shape == (32, 1, 32, 32)
+    assert ae.features(x).shape == (32, 256)
+    encoder = LensClassifier("conv_encoder", 1, [0.0], [1.0], classes=CLASSES)
+    with pytest.raises(Exception, match="no decoder"):
+        encoder(x, reconstruct=True)
+    ae_keys = {k for k in ae.backbone.state_dict() if k.startswith("encoder.")}
+    assert ae_keys == {k for k in encoder.backbone.state_dict() if k.startswith("encoder.")}
+
+
+def test_reconstruction_and_multitask_steps_learn(tmp_path) -> None:
+    torch.manual_seed(0)
+    x, y = _batch()
+    for objective in ("reconstruct", "multitask"):
+        model = LensClassifier("conv_ae", 1, [0.0], [1.0], classes=CLASSES)
+        opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+        step = [
+            train_step(model, opt, x, y, torch.device("cpu"), None, 0.0, 0.0, objective, 1.0)
+            for _ in range(25)
+        ]
+        assert step[-1] < 0.5 * step[0], objective
+    # The multitask encoder initialises a classifier of the encoder alone: encoder weights loaded,
+    # the decoder's skipped, the head's kept fresh when its shape differs.
+    save_classifier(model, tmp_path / "ae.pt")
+    fresh = LensClassifier("conv_encoder", 1, [0.0], [1.0], classes=CLASSES)
+    report = load_pretrained(fresh.backbone, tmp_path / "ae.pt")
+    assert all(k.startswith(("encoder.", "head.")) for k in report["loaded"])
+    assert any(k.startswith("decoder.") for k in report["skipped"])
+    torch.testing.assert_close(fresh.backbone.features(x), model.backbone.features(x))
+
+
+def test_an_objective_that_reconstructs_needs_an_autoencoder() -> None:
+    with pytest.raises(ConfigError, match=r"train\.objective: multitask needs an autoencoder"):
+        load_config(None, ["train.objective=multitask", "train.model=resnet18"])
+    assert (
+        load_config(None, ["train.objective=reconstruct", "train.model=conv_ae"]).train.objective
+        == "reconstruct"
+    )
+
+
+def test_the_probes_read_what_the_features_hold() -> None:
+    rng = np.random.default_rng(0)
+    n = 600
+    y = np.arange(n) % 3
+    theta = rng.uniform(0.8, 2.0, n)
+    # Features: the class in two directions, theta_E in a third, noise in the rest.
+    f = rng.normal(size=(n, 8))
+    f[:, 0] += 2.0 * (y == 1)
+    f[:, 1] += 2.0 * (y == 2)
+    f[:, 2] += 10.0 * theta  # noise 1 -> an error of about 0.1 arcsec
+    half = n // 2
+    probs = linear_probe((f[:half], y[:half]), f[half:])
+    assert probs.shape == (half, 3) and np.mean(probs.argmax(1) == y[half:]) > 0.7
+    target = theta.copy()
+    target[::7] = np.nan  # rows where the target does not apply are left out
+    r = regression_head((f[:half], target[:half]), (f[half:], target[half:]), n_boot=200)
+    assert r["rmse"] < 0.5 * r["target_std"] and r["r2"] > 0.7
+    assert r["rmse_ci95"][0] < r["rmse"] < r["rmse_ci95"][1]
+    assert r["n_test"] == np.isfinite(target[half:]).sum()
+
+
+def test_encoder_features_are_batched_alike() -> None:
+    model = LensClassifier("conv_encoder", 1, [0.0], [1.0], classes=CLASSES).eval()
+    x = _batch(10)[0].numpy()
+    np.testing.assert_allclose(
+        encoder_features(model, x, batch_size=3), encoder_features(model, x), atol=1e-5
+    )
