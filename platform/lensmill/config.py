@@ -559,7 +559,7 @@ class TrainConfig(_Frozen):
     # What the network learns: classify (cross-entropy of the classes), reconstruct (the mean squared
     # error of its decoder's image of the normalised input: self-supervised pretraining, no labels
     # used) or multitask (cross-entropy + reconstruction_weight x that error, one shared encoder).
-    # reconstruct and multitask need an autoencoder model (conv_ae).
+    # reconstruct and multitask need an autoencoder model (conv_ae, resnet18_ae).
     objective: Literal["classify", "reconstruct", "multitask"] = "classify"
     reconstruction_weight: float = Field(1.0, gt=0)
 
@@ -574,7 +574,7 @@ class TrainConfig(_Frozen):
 
 
 # Models with a decoder (lensmill.models.EncoderNet), for train.objective reconstruct / multitask.
-AUTOENCODER_MODELS = ("conv_ae",)
+AUTOENCODER_MODELS = ("conv_ae", "resnet18_ae")
 
 # The train settings a Tune search space may sample; integer ones take a choice.
 SWEEPABLE = (

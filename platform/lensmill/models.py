@@ -40,9 +40,10 @@ _TORCHVISION = ("resnet18", "resnet34")
 _SMALL_STEM = "_small_stem"
 _VIT = ("vit_b_16",)
 _CUTOUT_VIT = "vit_cutout_tiny"
-# The autoencoder (encoder + decoder + head) and its encoder alone as a classifier.
+# Autoencoders (encoder + decoder + head) and the small encoder alone as a classifier.
 AUTOENCODER = "conv_ae"
 _ENCODER = "conv_encoder"
+_RESNET_AE = "resnet18_ae"
 # torchvision's ViT-B/16 has a fixed 14x14 grid of 16-pixel patches.
 VIT_IMAGE_SIZE = 224
 # Prefixes a saved state_dict may carry around the backbone's own keys (DDP, LensClassifier).
@@ -103,14 +104,7 @@ class EncoderNet(nn.Module):
         )
         self.num_features = chans[-1]
         self.head = nn.Linear(self.num_features, num_classes)
-        self.decoder = (
-            nn.Sequential(
-                *(_deconv_stage(c, o) for c, o in zip(chans[:0:-1], chans[-2::-1], strict=True)),
-                _deconv_stage(chans[0], in_chans, last=True),
-            )
-            if decoder
-            else None
-        )
+        self.decoder = _decoder(chans[::-1], in_chans) if decoder else None
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         # (N, C, H, W) -> (N, F, H/16, W/16) -> global average -> (N, F)
@@ -125,10 +119,42 @@ class EncoderNet(nn.Module):
             return logits
         if self.decoder is None:
             raise ModelError("this model has no decoder: reconstruction needs model conv_ae")
-        recon = self.decoder(z)
-        if recon.shape[-2:] != x.shape[-2:]:  # sizes that are not multiples of 16
-            recon = nn.functional.interpolate(recon, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return logits, recon
+        return logits, _fit_to(self.decoder(z), x)
+
+
+def _decoder(chans: list[int], out_chans: int) -> nn.Sequential:
+    """Stride-2 stages through ``chans`` (widest first), then one to ``out_chans``: each doubles H, W."""
+    stages = [_deconv_stage(c, o) for c, o in zip(chans[:-1], chans[1:], strict=True)]
+    return nn.Sequential(*stages, _deconv_stage(chans[-1], out_chans, last=True))
+
+
+def _resnet_trunk(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A torchvision ResNet up to its last stage: (N, C, H, W) -> (N, 512, H/32, W/32) (ResNet-18)."""
+    x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+    return model.layer4(model.layer3(model.layer2(model.layer1(x))))
+
+
+def _fit_to(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The decoder's image at the input's size (sizes that are not multiples of its stride)."""
+    if recon.shape[-2:] == x.shape[-2:]:
+        return recon
+    return nn.functional.interpolate(recon, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def _resnet_autoencoder(in_chans: int, num_classes: int) -> nn.Module:
+    """torchvision's ResNet-18 with a decoder from its last stage (``decoder.*``): the state_dict
+    keys of the encoder and head are plain ResNet-18's, so its weights initialise a ``resnet18``
+    classifier (``train.pretrained_uri``) and the decoder's are skipped there."""
+    model = _torchvision_resnet("resnet18", in_chans, num_classes)
+    model.decoder = _decoder([512, 256, 128, 64, 32], in_chans)
+
+    def forward(x: torch.Tensor, reconstruct: bool = False) -> Any:
+        z = _resnet_trunk(model, x)  # (N, 512, H/32, W/32)
+        logits = model.fc(torch.flatten(model.avgpool(z), 1))
+        return (logits, _fit_to(model.decoder(z), x)) if reconstruct else logits
+
+    model.forward = forward  # an instance attribute: nn.Module.__call__ dispatches to it
+    return model
 
 
 def _torchvision_resnet(name: str, in_chans: int, num_classes: int, small_stem: bool = False) -> nn.Module:
@@ -213,6 +239,7 @@ def list_models(pattern: str = "") -> list[str]:
         _CUTOUT_VIT,
         AUTOENCODER,
         _ENCODER,
+        _RESNET_AE,
         "timm:<any timm model>",
     ]
     return [n for n in names if pattern in n]
@@ -251,6 +278,7 @@ def create_model(
         _CUTOUT_VIT: lambda: _cutout_vit(in_chans, num_classes),
         AUTOENCODER: lambda: EncoderNet(in_chans, num_classes, decoder=True),
         _ENCODER: lambda: EncoderNet(in_chans, num_classes),
+        _RESNET_AE: lambda: _resnet_autoencoder(in_chans, num_classes),
     }
     check_model_name(name)
     if name.startswith("timm:"):
@@ -439,10 +467,16 @@ class LensClassifier(nn.Module):
         return out.squeeze(-1) if out.shape[-1] == 1 else out
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, C, H, W) raw fluxes -> (N, F) the encoder's pooled features (encoder backbones)."""
-        if not hasattr(self.backbone, "features"):
-            raise ModelError(f"{self.model_name} exposes no encoder features (use conv_ae or conv_encoder)")
-        return self.backbone.features(self.prepare(x))
+        """(N, C, H, W) raw fluxes -> (N, F) pooled features before the class head: what a frozen
+        encoder hands a probe (``EncoderNet``, torchvision ResNets with or without a decoder, timm)."""
+        bb, x = self.backbone, self.prepare(x)
+        if isinstance(bb, EncoderNet):
+            return bb.features(x)
+        if hasattr(bb, "layer4") and hasattr(bb, "fc"):  # torchvision ResNet
+            return torch.flatten(bb.avgpool(_resnet_trunk(bb, x)), 1)
+        if hasattr(bb, "forward_features") and hasattr(bb, "forward_head"):  # timm
+            return bb.forward_head(bb.forward_features(x), pre_logits=True)
+        raise ModelError(f"{self.model_name} exposes no pooled features for a probe")
 
 
 def _channel_buffer(values: list[float]) -> torch.Tensor:

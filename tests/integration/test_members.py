@@ -146,3 +146,39 @@ def test_the_endpoint_picks_up_a_new_champion_without_a_restart(runs) -> None:
             assert list(answer["predictions"][0]["members"]) == [m["name"] for m in info["members"]]
     finally:
         stop_endpoint()
+
+
+def test_a_multitask_run_registers_its_encoder_for_fine_tuning_and_the_probe(runs) -> None:
+    """train.objective multitask on conv_ae: its encoder lands in the registry; a conv_encoder run
+    starts from it through train.pretrained_uri=models:/..., and lensmill probe reads it frozen."""
+    import torch
+
+    from lensmill.representation import probe_encoder
+    from lensmill.train import read_pretrained
+
+    overrides, _ = runs
+    cfg = load_config(None, [*overrides, "train.model=conv_ae", "train.objective=multitask"])
+    summary = fit(cfg)
+    assert summary.encoder_uri is not None and summary.encoder_uri.startswith("models:/lens-encoder/")
+    assert summary.objective == "multitask" and summary.history[-1]["val_recon_mse"] > 0
+    version = tracking.client(cfg).get_model_version("lens-encoder", summary.encoder_uri.rsplit("/", 1)[1])
+    assert version.tags["run_name"] == summary.run_name
+
+    fine = load_config(
+        None, [*overrides, "train.model=conv_encoder", f"train.pretrained_uri={summary.encoder_uri}"]
+    )
+    state = read_pretrained(fine)  # what the workers load: the registered encoder's weights
+    trained = torch.load(
+        f"{summary.checkpoint_uri}/{summary.member_file}", map_location="cpu", weights_only=False
+    )["state_dict"]
+    key = "backbone.encoder.0.0.weight"
+    torch.testing.assert_close(state[key], trained[key])
+    tuned = fit(fine)
+    assert tuned.pretrained_uri == summary.encoder_uri and not np.isnan(tuned.val_auc)
+
+    result = probe_encoder(cfg, summary.encoder_uri, targets=("theta_e_arcsec",))
+    assert result["features"] == 256 and result["classes"] == ["non-lens", "lens"]
+    assert 0.0 <= result["linear_probe"]["accuracy"] <= 1.0
+    assert result["regression"]["theta_e_arcsec"]["n_test"] == 8 and "mlflow_run_id" in result
+    with pytest.raises(ConfigError, match="no finished run"):
+        probe_encoder(cfg, "run:nope")

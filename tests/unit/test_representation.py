@@ -94,3 +94,19 @@ def test_encoder_features_are_batched_alike() -> None:
     np.testing.assert_allclose(
         encoder_features(model, x, batch_size=3), encoder_features(model, x), atol=1e-5
     )
+
+
+def test_the_resnet_autoencoder_initialises_a_plain_resnet18(tmp_path) -> None:
+    ae = LensClassifier("resnet18_ae", 1, [0.0], [1.0], classes=CLASSES).eval()
+    x = _batch(4, 64)[0]
+    logits, target, recon = ae(x, reconstruct=True)
+    assert logits.shape == (4, 3) and recon.shape == target.shape == (4, 1, 64, 64)
+    save_classifier(ae, tmp_path / "ae.pt")
+    plain = LensClassifier("resnet18", 1, [0.0], [1.0], classes=CLASSES).eval()
+    report = load_pretrained(plain.backbone, tmp_path / "ae.pt")
+    assert {k.split(".")[0] for k in report["skipped"]} >= {"decoder"}
+    assert not any(k.startswith("decoder.") for k in report["loaded"])
+    torch.testing.assert_close(plain(x), ae(x))
+    torch.testing.assert_close(plain.features(x), ae.features(x))
+    with pytest.raises(Exception, match="no pooled features"):
+        LensClassifier("tiny", 1, [0.0], [1.0]).features(x)
