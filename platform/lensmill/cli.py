@@ -378,6 +378,16 @@ def bench_accuracy(
     run_command(config, overrides, lambda cfg: run_accuracy_bench(cfg, input_dir, images, epochs, seeds))
 
 
+@bench_app.command("representation")
+def bench_representation(config: ConfigPath = None, overrides: Overrides = None) -> None:
+    """Autoencoder + linear probe, supervised ResNet-18, multi-task, fine-tuned encoder: test accuracy
+    and macro ROC AUC with intervals, and regression heads' errors, on one run (e.g. the substructure
+    preset: --config jobs/configs/substructure.yaml)."""
+    from lensmill.bench.representation import run_representation_bench
+
+    run_command(config, overrides, run_representation_bench)
+
+
 @bench_app.command("train")
 def bench_train(config: ConfigPath = None, overrides: Overrides = None) -> None:
     """Training throughput benchmark (lensmill.bench.train)."""

@@ -12,7 +12,7 @@ from lensmill import tracking
 from lensmill.config import ConfigError, load_config
 
 JOBS = Path(__file__).resolve().parents[2] / "jobs"
-STAGES = ("simulate", "train", "tune", "ensemble", "evaluate", "serve", "pipeline", "predict")
+STAGES = ("simulate", "train", "tune", "ensemble", "evaluate", "serve", "pipeline", "predict", "probe")
 
 
 @pytest.mark.parametrize("stage", STAGES)
