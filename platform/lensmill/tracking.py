@@ -338,14 +338,23 @@ def register_encoder(
 def download_encoder(cfg: Config, uri: str, dst_dir: Path) -> Path:
     """The local file of a registered encoder, ``uri`` ``models:/<name>/<version>`` or
     ``models:/<name>@<alias>``."""
-    rest = uri.removeprefix("models:/")
-    name, ref = rest.split("@", 1) if "@" in rest else rest.rsplit("/", 1) if "/" in rest else (rest, "")
-    if not name or not ref:
-        raise TrackingError(
-            f"{uri!r} names no version: use models:/<name>/<version> or models:/<name>@<alias>"
-        )
-    got = download_version(cfg, name, f"@{ref}" if "@" in rest else ref, dst_dir, marker=ENCODER_FILE)
+    name, ref = parse_model_uri(uri)
+    got = download_version(cfg, name, ref, dst_dir, marker=ENCODER_FILE)
     return Path(got["path"]) / ENCODER_FILE
+
+
+def parse_model_uri(uri: str) -> tuple[str, str]:
+    """``models:/<name>/<version>`` -> (name, version); ``models:/<name>@<alias>`` -> (name,
+    "@alias"); ``TrackingError`` when no version or alias is named."""
+    rest = uri.removeprefix("models:/")
+    if "@" in rest:
+        name, alias = rest.split("@", 1)
+        ref = "@" + alias
+    else:
+        name, _, ref = rest.rpartition("/")
+    if not name or ref in ("", "@"):
+        raise TrackingError(f"{uri!r} names no version (models:/<name>/<version> or models:/<name>@<alias>)")
+    return name, ref
 
 
 TEST_LINE_PREFIX = "Test ("
