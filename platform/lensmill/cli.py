@@ -501,11 +501,15 @@ def candidates(
     out: Annotated[
         Path | None, typer.Option(help="Folder for candidates.png/.html (default: its _candidates).")
     ] = None,
+    by: Annotated[
+        str | None,
+        typer.Option(help="Score column to rank by (default p_lens; a C-class run: one of its p_<class>)."),
+    ] = None,
 ) -> None:
-    """The top cutouts of a catalog scoring run by p_lens: a PNG grid and an HTML page, in MLflow."""
+    """The top cutouts of a catalog scoring run by p_lens (or --by): PNG grid and HTML page, in MLflow."""
     from lensmill.candidates import candidates as candidates_stage
 
-    run_command(config, overrides, lambda cfg: candidates_stage(cfg, scores_uri, top, out), ray=False)
+    run_command(config, overrides, lambda cfg: candidates_stage(cfg, scores_uri, top, out, by), ray=False)
 
 
 @app.command()
