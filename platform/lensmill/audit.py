@@ -4,17 +4,21 @@ Checks (each reported with name, ok, detail):
 
 - ``checksums``: every file the manifest lists exists and its sha256 and size match the manifest.
 - ``schema``: required columns, ``image`` byte length = C x H x W x 4, ``split`` and row counts and
-  positives per file as the manifest says.
+  class counts per file as the manifest says.
 - ``finite_images``: no NaN or inf pixel.
-- ``value_ranges``: labels in {0, 1}; physical parameters finite where they apply (lens parameters
-  on every row, source parameters on lenses; columns that are all NaN, as in imports, are skipped),
-  and sampled parameters inside the ranges of the manifest's config.
-- ``class_balance``: per split, majority / minority class count <= ``max_imbalance``.
+- ``value_ranges``: labels in range(len(classes)) (the manifest's ``classes``; binary when absent);
+  physical parameters finite where they apply (lens parameters on every row, source parameters on
+  lensed rows, subhalo and vortex summaries on the classes that have them; columns that are all NaN,
+  as in imports, are skipped), sampled parameters inside the ranges of the manifest's config, and the
+  ``subhalos`` list consistent with its summaries (count, mass fraction).
+- ``class_balance``: per split, majority / minority class count <= ``max_imbalance`` over all classes.
 - ``shortcut``: a logistic regression on per-image nuisance statistics (total flux over pixels and
   bands, peak pixel, background std in the outer frame, PSF width) predicts the label with 5-fold
-  cross-validation on up to ``shortcut_rows`` training rows; its ROC AUC (``shortcut_auc``) must stay
-  <= ``max_shortcut_auc``, and so must each statistic's own AUC (read both ways), the lens-light
-  flux (``lens_flux_e_per_s``) included. A network would find any such shortcut before the arcs.
+  cross-validation on up to ``shortcut_rows`` training rows; its ROC AUC (``shortcut_auc``: the
+  binary AUC for two classes, the macro one-vs-rest AUC for more) must stay <= ``max_shortcut_auc``,
+  and so must each statistic's own AUC (one class against the rest, read both ways, the worst
+  class), the lens-light flux (``lens_flux_e_per_s``) included. A network would find any such
+  shortcut before the arcs.
 
   The lens-light flux is audited on its own and left out of the joint model by default: it is the
   noise-free truth, so "total flux - lens flux" is the arc's flux itself, the signal rather than a
@@ -41,6 +45,7 @@ from lensmill.config import ConfigError, StorageConfig
 from lensmill.layout import shard_uri
 from lensmill.records import DatasetManifest, ShardFile
 from lensmill.shards import SPLITS, read_manifest
+from lensmill.simulate import SUBHALOS_COLUMN
 from lensmill.storage import StorageError, absolute_uri, read_bytes
 
 log = logging.getLogger(__name__)
@@ -65,6 +70,19 @@ RANGED_KEYS: tuple[str, ...] = (
     "theta_e_arcsec", "lens_mag", "lens_r_sersic_arcsec", "lens_n_sersic", "source_mag",
     "source_r_sersic_arcsec", "source_n_sersic",
 )  # fmt: skip
+# Substructure summaries and the classes on which a simulation has them finite.
+SUBSTRUCTURE_APPLIES: dict[str, tuple[str, ...]] = {
+    "n_subhalos": ("no_sub", "cdm", "vortex"),
+    "subhalo_mass_fraction": ("no_sub", "cdm", "vortex"),
+    "n_vortex_masses": ("vortex",),
+    "vortex_mass_fraction": ("vortex",),
+    "vortex_length_arcsec": ("vortex",),
+    "vortex_angle_rad": ("vortex",),
+    "vortex_x_arcsec": ("vortex",),
+    "vortex_y_arcsec": ("vortex",),
+}
+# Class names of a lens-free class (no lensed source: source parameters NaN).
+UNLENSED_CLASSES: tuple[str, ...] = ("non-lens",)
 FEATURES: tuple[str, ...] = ("total_flux", "peak_pixel", "background_std", "psf_fwhm_arcsec", "lens_flux")
 # Observables only (see the module docstring for why lens_flux is audited on its own).
 DEFAULT_SHORTCUT_FEATURES: tuple[str, ...] = FEATURES[:4]
@@ -93,25 +111,38 @@ def image_statistics(images: np.ndarray) -> dict[str, np.ndarray]:
         }
 
 
-def shortcut_auc(features: np.ndarray, labels: np.ndarray, seed: int = 0, folds: int = 5) -> float:
-    """ROC AUC of out-of-fold logistic-regression probabilities (standardised features, stratified
-    seeded folds). 0.5 = the features say nothing about the label."""
-    from sklearn.linear_model import LogisticRegression
+def class_auc(labels: np.ndarray, proba: np.ndarray) -> float:
+    """ROC AUC of class probabilities ``proba`` (N, K): for K = 2 the binary AUC of class 1, above
+    the macro average of one-vs-rest AUCs."""
     from sklearn.metrics import roc_auc_score
+
+    # Binary roc_auc_score wants the positive class's score only (its macro one-vs-rest is the same).
+    scores = proba[:, 1] if proba.shape[1] == 2 else proba
+    return float(roc_auc_score(labels, scores, multi_class="ovr", average="macro"))
+
+
+def shortcut_auc(features: np.ndarray, labels: np.ndarray, seed: int = 0, folds: int = 5) -> float:
+    """``class_auc`` of out-of-fold logistic-regression probabilities (standardised features,
+    stratified seeded folds). 0.5 = the features say nothing about the label."""
+    from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
     cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    proba = cross_val_predict(model, features, labels, cv=cv, method="predict_proba")[:, 1]
-    return float(roc_auc_score(labels, proba))
+    proba = cross_val_predict(model, features, labels, cv=cv, method="predict_proba")
+    return class_auc(labels, proba)
 
 
-def _univariate_auc(x: np.ndarray, y: np.ndarray) -> float:
+def _univariate_auc(x: np.ndarray, y: np.ndarray, n_classes: int) -> float:
+    """AUC of one statistic for one class against the rest, the class farthest from 0.5 (as is, not
+    flipped). Two classes: class 1's (class 0's is its mirror image)."""
     from sklearn.metrics import roc_auc_score
 
-    return float(roc_auc_score(y, x))
+    targets = range(1, 2) if n_classes == 2 else range(n_classes)
+    aucs = [float(roc_auc_score(y == c, x)) for c in targets]
+    return max(aucs, key=lambda a: abs(a - 0.5))
 
 
 class _Audit:
@@ -121,12 +152,14 @@ class _Audit:
         self.manifest = manifest
         self.shape = manifest.image_shape
         self.config = manifest.config
+        self.classes = manifest.class_names
+        self.lensed = [i for i, c in enumerate(self.classes) if c not in UNLENSED_CLASSES]
         self.checksum_errors: list[str] = []
         self.schema_errors: list[str] = []
         self.nonfinite: list[str] = []
         self.nonfinite_images = 0
         self.range_errors: list[str] = []
-        self.counts: dict[str, list[int]] = {}  # split -> [negatives, positives]
+        self.counts: dict[str, list[int]] = {}  # split -> rows of each class, in label order
         self.train_stats: list[dict[str, np.ndarray]] = []
         self.rows_read = 0
 
@@ -158,15 +191,22 @@ class _Audit:
             )
 
         labels = table.column("label").to_numpy(zero_copy_only=False)
-        bad_labels = np.setdiff1d(np.unique(labels), [0, 1])
+        k = len(self.classes)
+        bad_labels = np.setdiff1d(np.unique(labels), np.arange(k))
         if bad_labels.size:
-            self.range_errors.append(f"{path}: labels {bad_labels.tolist()} (expected 0 or 1)")
-        positives = int((labels == 1).sum())
+            expected = "0 or 1" if k == 2 else f"0..{k - 1}"
+            self.range_errors.append(f"{path}: labels {bad_labels.tolist()} (expected {expected})")
+        counts = [int((labels == c).sum()) for c in range(k)]
+        positives = int((labels != 0).sum())
         if entry.positives is not None and positives != entry.positives:
             self.schema_errors.append(f"{path}: {positives} positives, manifest says {entry.positives}")
-        c = self.counts.setdefault(entry.split, [0, 0])
-        c[0] += int((labels == 0).sum())
-        c[1] += positives
+        if entry.class_counts is not None and list(entry.class_counts) != counts:
+            self.schema_errors.append(
+                f"{path}: class counts {counts}, manifest says {list(entry.class_counts)}"
+            )
+        c = self.counts.setdefault(entry.split, [0] * k)
+        for i, n in enumerate(counts):
+            c[i] += n
 
         images = self._images(table.column("image"), path)
         if images is None:
@@ -216,8 +256,8 @@ class _Audit:
             if np.isinf(values).any():
                 self.range_errors.append(f"{path}: {key} holds inf")
             # Imports may know a parameter for some rows only; simulations know it wherever it applies.
-            if self.manifest.source != "import" and key in (*LENS_KEYS, *SOURCE_KEYS):
-                applies = np.ones(labels.size, bool) if key in LENS_KEYS else labels == 1
+            applies = self._applies(key, labels)
+            if self.manifest.source != "import" and applies is not None:
                 n = int((~np.isfinite(values[applies])).sum())
                 if n:
                     self.range_errors.append(f"{path}: {key} is not finite on {n} rows where it applies")
@@ -239,6 +279,54 @@ class _Audit:
             snr = table.column("arc_snr").to_numpy(zero_copy_only=False)
             if (snr[np.isfinite(snr)] < 0).any():
                 self.range_errors.append(f"{path}: negative arc_snr")
+        if SUBHALOS_COLUMN in table.schema.names:
+            self._substructure(table, path)
+
+    def _applies(self, key: str, labels: np.ndarray) -> np.ndarray | None:
+        """Rows on which a simulation has ``key`` finite; None for a key that may be NaN anywhere."""
+        if key in LENS_KEYS:
+            return np.ones(labels.size, bool)
+        if key in SOURCE_KEYS:
+            return np.isin(labels, self.lensed)
+        if key in SUBSTRUCTURE_APPLIES:
+            return np.isin(labels, [i for i, c in enumerate(self.classes) if c in SUBSTRUCTURE_APPLIES[key]])
+        return None
+
+    def _substructure(self, table: pa.Table, path: str) -> None:
+        """The ``subhalos`` list against its summaries and the config's bounds."""
+        cfg = self.config
+
+        def col(name: str) -> np.ndarray:
+            if name not in table.schema.names:
+                return np.full(table.num_rows, np.nan)
+            return table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
+
+        lists = table.column(SUBHALOS_COLUMN).to_pylist()
+        # (rows,) point masses listed, and their sum of theta_E^2.
+        n_listed = np.array([len(v or ()) for v in lists], np.float64)
+        theta2 = np.array([sum(s["theta_e_arcsec"] ** 2 for s in v or ()) for v in lists])
+        n_sub, n_vortex = col("n_subhalos"), np.nan_to_num(col("n_vortex_masses"))
+        if not np.array_equal(n_listed, n_sub + n_vortex):
+            self.range_errors.append(
+                f"{path}: subhalos lists do not hold n_subhalos + n_vortex_masses entries"
+            )
+        # Mass fractions: (theta_E_sub / theta_E)^2 summed over the list.
+        mass = theta2 / col("theta_e_arcsec") ** 2
+        recorded = col("subhalo_mass_fraction") + np.nan_to_num(col("vortex_mass_fraction"))
+        if not np.allclose(mass, recorded, rtol=1e-6, atol=1e-12, equal_nan=True):
+            self.range_errors.append(f"{path}: subhalos lists do not add up to the recorded mass fractions")
+        bounds = {
+            "n_subhalos": (0.0, cfg.get("n_subhalos_max", math.inf)),
+            "subhalo_mass_fraction": (0.0, n_sub * cfg.get("subhalo_mass_max_frac", 1.0)),
+            "vortex_angle_rad": (0.0, math.pi),
+        }
+        for key, (lo, hi) in bounds.items():
+            v = col(key)
+            ok = np.isnan(v) | ((v >= lo - 1e-9) & (v <= np.asarray(hi) + 1e-9))
+            if not ok.all():
+                self.range_errors.append(
+                    f"{path}: {key} outside [{lo:g}, {np.max(hi):g}] on {int((~ok).sum())} rows"
+                )
 
 
 def validate_dataset(
@@ -284,13 +372,12 @@ def validate_dataset(
     )
 
     schema = list(audit.schema_errors)
+    classes = audit.classes
     for split, counts in manifest.splits.items():
-        got = audit.counts.get(split, [0, 0])
-        want = [counts.negatives, counts.positives]
+        got = audit.counts.get(split, [0] * len(classes))
+        want = list(counts.class_counts or (counts.negatives, counts.positives))
         if got != want and not missing_files:
-            schema.append(
-                f"split {split}: {got[1]} positives / {got[0]} negatives, manifest says {want[1]} / {want[0]}"
-            )
+            schema.append(f"split {split}: {_counted(got, classes)}, manifest says {_counted(want, classes)}")
     checks.append(
         _check(
             "schema",
@@ -312,7 +399,8 @@ def validate_dataset(
         _check(
             "value_ranges",
             not audit.range_errors,
-            "labels in {0, 1}; parameters finite where they apply and inside the config ranges"
+            f"labels in {{{', '.join(map(str, range(len(classes))))}}}; parameters finite where they "
+            "apply and inside the config ranges"
             if not audit.range_errors
             else _some(audit.range_errors),
         )
@@ -320,15 +408,16 @@ def validate_dataset(
 
     balance, ratios = [], {}
     for split in [s for s in SPLITS if s in audit.counts] + sorted(set(audit.counts) - set(SPLITS)):
-        neg, pos = audit.counts[split]
-        ratio = math.inf if min(neg, pos) == 0 else max(neg, pos) / min(neg, pos)
+        counts = audit.counts[split]
+        ratio = math.inf if min(counts) == 0 else max(counts) / min(counts)
         ratios[split] = {
-            "positives": pos,
-            "negatives": neg,
+            "positives": sum(counts[1:]),  # label != 0, as in the manifest
+            "negatives": counts[0],
+            **({"per_class": dict(zip(classes, counts, strict=True))} if len(classes) > 2 else {}),
             "ratio": round(ratio, 3) if ratio < math.inf else None,
         }
         if ratio > max_imbalance:
-            balance.append(f"{split}: {pos} lenses / {neg} non-lenses")
+            balance.append(f"{split}: {_counted(counts, classes)}")
     checks.append(
         _check(
             "class_balance",
@@ -339,7 +428,7 @@ def validate_dataset(
         )
     )
 
-    shortcut = _shortcut(audit.train_stats, shortcut_rows, tuple(shortcut_features), seed)
+    shortcut = _shortcut(audit.train_stats, len(classes), shortcut_rows, tuple(shortcut_features), seed)
     auc = shortcut["shortcut_auc"]
     if auc is None:
         checks.append(_check("shortcut", True, f"skipped: {shortcut['reason']}"))
@@ -365,6 +454,7 @@ def validate_dataset(
         "source": manifest.source,
         "image_shape": list(audit.shape),
         "rows": audit.rows_read,
+        "classes": list(classes),
         "class_counts": ratios,
         **{k: v for k, v in shortcut.items() if k != "reason"},
         "thresholds": {"max_shortcut_auc": max_shortcut_auc, "max_imbalance": max_imbalance},
@@ -373,8 +463,17 @@ def validate_dataset(
     }
 
 
+def _counted(counts: list[int], classes: tuple[str, ...]) -> str:
+    """``"3 non-lens / 5 lens"``."""
+    return " / ".join(f"{n} {c}" for n, c in zip(counts, classes, strict=True))
+
+
 def _shortcut(
-    stats: list[dict[str, np.ndarray]], max_rows: int, features: tuple[str, ...], seed: int
+    stats: list[dict[str, np.ndarray]],
+    n_classes: int,
+    max_rows: int,
+    features: tuple[str, ...],
+    seed: int,
 ) -> dict[str, Any]:
     """The shortcut audit on the train split's statistics; ``shortcut_auc`` None when it cannot run."""
     empty: dict[str, Any] = {"shortcut_auc": None, "shortcut_rows": 0, "shortcut_features": []}
@@ -382,14 +481,14 @@ def _shortcut(
         return {**empty, "reason": "no train split"}
     merged = {k: np.concatenate([s[k] for s in stats if k in s]) for k in stats[0]}
     labels = merged.pop("label")
-    keep = np.isin(labels, (0, 1))  # other labels are reported by value_ranges
+    keep = np.isin(labels, np.arange(n_classes))  # other labels are reported by value_ranges
     for k in ("total_flux", "peak_pixel", "background_std"):
         keep &= np.isfinite(merged[k])  # images with NaN pixels are reported by finite_images
     idx = np.flatnonzero(keep)
     if idx.size > max_rows:
         idx = np.sort(np.random.default_rng(seed).choice(idx, max_rows, replace=False))
     y = labels[idx]
-    minority = int(min((y == 0).sum(), (y == 1).sum()))
+    minority = int(min((y == c).sum() for c in range(n_classes)))
     if minority < 2:
         return {**empty, "reason": f"{minority} image(s) of the minority class among {idx.size} train rows"}
     # A feature enters only when it is known on every sampled row (lens flux is NaN in imports).
@@ -403,7 +502,7 @@ def _shortcut(
     for k in known:
         v = merged[k][idx]
         # Constant features (PSF width of a single-PSF dataset) carry no information: AUC 0.5.
-        feature_auc[k] = 0.5 if np.ptp(v) == 0 else round(_univariate_auc(v, y), 4)
+        feature_auc[k] = 0.5 if np.ptp(v) == 0 else round(_univariate_auc(v, y, n_classes), 4)
     return {
         "shortcut_auc": round(auc, 4),
         "shortcut_rows": int(idx.size),

@@ -279,8 +279,32 @@ class ActorPool(_Frozen):
         return self
 
 
+# Class names per simulation task, in label order.
+TASK_CLASSES: dict[str, tuple[str, ...]] = {
+    "lens": ("non-lens", "lens"),
+    "substructure": ("no_sub", "cdm", "vortex"),
+}
+
+# SimConfig fields of the substructure task: left out of a lens dataset's identity (its id predates
+# them) and refused with task lens when set.
+SUBSTRUCTURE_FIELDS: tuple[str, ...] = (
+    "n_subhalos_mean",
+    "n_subhalos_max",
+    "subhalo_mass_min_frac",
+    "subhalo_mass_max_frac",
+    "subhalo_mass_slope",
+    "subhalo_radius_min_frac",
+    "subhalo_radius_max_frac",
+    "n_vortex_masses",
+    "vortex_length_arcsec",
+    "vortex_mass_fraction",
+    "vortex_offset_frac",
+)
+
+
 class SimConfig(_Frozen):
-    """lenstronomy simulation of lenses (label 1) and non-lenses (label 0), one channel per band.
+    """lenstronomy simulation of lenses (label 1) and non-lenses (label 0), one channel per band; or,
+    with ``task: substructure``, of lenses with no substructure (0), CDM subhalos (1) or a vortex (2).
 
     Every sampled physical parameter is a ``Dist``: a fixed number, ``{min, max}`` (uniform),
     ``{dist: uniform, min, max}``, ``{dist: normal, mean, std[, min][, max]}`` (truncated when bounds
@@ -289,9 +313,13 @@ class SimConfig(_Frozen):
     conditions actually used: the survey preset's, or the custom fields for ``instrument: custom``.
     """
 
+    # lens: lenses vs non-lenses. substructure: every image a lens, the class is its dark-matter
+    # substructure (DeepLense "Model II" style); see the substructure section below.
+    task: Literal["lens", "substructure"] = "lens"
     n_train: int = Field(3000, ge=2)
     n_val: int = Field(600, ge=2)
     n_test: int = Field(600, ge=2)
+    # Share of lenses (task lens only; substructure classes are interleaved evenly).
     positive_fraction: float = Field(0.5, gt=0.0, lt=1.0)
     seed: int = 0
     rows_per_shard: int = Field(500, ge=1)
@@ -374,6 +402,29 @@ class SimConfig(_Frozen):
     hard_negatives: bool = True
     interloper_offset_frac: Dist = Uniform(min=1.2, max=2.2)
 
+    # -- substructure (task substructure only) ------------------------------------------------------
+    # Masses are fractions of the main lens's mass inside theta_E (pi Sigma_cr theta_E^2 for an
+    # isothermal lens), so no redshifts or cosmology are needed: a point mass of fraction m has the
+    # Einstein radius theta_E sqrt(m). Every class draws the subhalos and the vortex (the same random
+    # stream); the class decides which is shown: neither (no_sub), the subhalos (cdm), the vortex.
+    # cdm: Poisson(n_subhalos_mean) point-mass subhalos (truncated at n_subhalos_max, the lens model's
+    # slots), masses from dN/dm ~ m^-subhalo_mass_slope on [min, max], positions uniform in the annulus
+    # [radius_min, radius_max] x theta_E around the lens centre (only subhalos near the arcs show).
+    n_subhalos_mean: float = Field(25.0, gt=0)
+    n_subhalos_max: int = Field(64, ge=1, le=256)
+    subhalo_mass_min_frac: float = Field(1e-3, gt=0, le=1)
+    subhalo_mass_max_frac: float = Field(1e-2, gt=0, le=1)
+    subhalo_mass_slope: float = Field(1.9, gt=0)
+    subhalo_radius_min_frac: float = Field(0.0, ge=0)
+    subhalo_radius_max_frac: float = Field(2.0, gt=0)
+    # vortex: n_vortex_masses equal point masses evenly spaced on a segment of vortex_length_arcsec
+    # with an isotropic orientation, centred vortex_offset_frac x theta_E from the lens centre (in an
+    # isotropic direction), holding vortex_mass_fraction of the lens mass inside theta_E in all.
+    n_vortex_masses: int = Field(24, ge=2, le=256)
+    vortex_length_arcsec: Dist = Uniform(min=1.5, max=3.0)
+    vortex_mass_fraction: Dist = Uniform(min=0.01, max=0.03)
+    vortex_offset_frac: Dist = Uniform(min=0.0, max=1.0)
+
     # Colours: magnitude in a band minus the r-band magnitude (AB). Lens: a red early-type galaxy at
     # z~0.5; source: a blue star-forming galaxy at z~1-2. VIS/Y/J/H are Euclid's (DES's Y is
     # close to y); approximate, for telling the two apart by colour, not for photometric redshifts.
@@ -404,8 +455,15 @@ class SimConfig(_Frozen):
 
     def identity(self) -> dict[str, Any]:
         """What the pixels depend on (hashed into the dataset id, written to the manifest): every
-        field but ``pool``."""
-        return self.model_dump(mode="json", exclude={"pool"})
+        field but ``pool``; for the lens task neither ``task`` nor the substructure fields, so lens
+        datasets keep the ids they had before the substructure task existed."""
+        exclude = {"pool"} | ({"task", *SUBSTRUCTURE_FIELDS} if self.task == "lens" else set())
+        return self.model_dump(mode="json", exclude=exclude)
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """Class names in label order (a plain property: not dumped, not part of the identity)."""
+        return TASK_CLASSES[self.task]
 
     @model_validator(mode="before")
     @classmethod
@@ -416,6 +474,9 @@ class SimConfig(_Frozen):
         if not isinstance(data, dict):
             return data
         data = {k: v for k, v in data.items() if k != "observing"}
+        # Every substructure image is a lens: there is no negative to make hard.
+        if data.get("task") == "substructure":
+            data.setdefault("hard_negatives", False)
         instrument = data.get("instrument", "custom")
         if instrument not in SURVEY_PRESETS:
             return data
@@ -459,6 +520,7 @@ class SimConfig(_Frozen):
                     survey_band(self.instrument, band, self.instrument_coadd_years)
                 except ValueError as exc:
                     raise ValueError(f"bands / instrument_coadd_years: {exc}") from None
+        self._task_fields()
         if self.lens_mass_model == "SIE" and self.lens_gamma != 2.0:
             raise ValueError("lens_gamma applies to lens_mass_model EPL only (an SIE has gamma = 2)")
         # Physical ranges: the whole support of each distribution must lie inside them.
@@ -483,6 +545,9 @@ class SimConfig(_Frozen):
             "companion_ellipticity": (0.0, 0.9, False),
             "interloper_offset_frac": (0.0, inf, False),
             "psf_fwhm_scale": (0.0, inf, True),
+            "vortex_length_arcsec": (0.0, inf, True),
+            "vortex_mass_fraction": (0.0, 1.0, False),
+            "vortex_offset_frac": (0.0, inf, False),
         }
         for name, (low, high, open_) in limits.items():
             d = getattr(self, name)
@@ -496,6 +561,41 @@ class SimConfig(_Frozen):
                     + (" (truncate it with min/max)" if math.isinf(lo) or math.isinf(hi) else "")
                 )
         return self
+
+    def _task_fields(self) -> None:
+        """Fields that belong to the other task, and the substructure task's own bounds."""
+        if self.task == "lens":
+            for name in SUBSTRUCTURE_FIELDS:
+                if getattr(self, name) != type(self).model_fields[name].default:
+                    raise ValueError(f"{name} applies to task substructure only")
+            return
+        if self.positive_fraction != type(self).model_fields["positive_fraction"].default:
+            raise ValueError(
+                "positive_fraction applies to task lens only (substructure classes are interleaved "
+                "evenly: class = row_id % 3)"
+            )
+        if self.hard_negatives:
+            raise ValueError("hard_negatives applies to task lens only (every substructure image is a lens)")
+        if self.subhalo_mass_min_frac >= self.subhalo_mass_max_frac:
+            raise ValueError(
+                f"subhalo_mass_min_frac: {self.subhalo_mass_min_frac} must be below "
+                f"subhalo_mass_max_frac ({self.subhalo_mass_max_frac})"
+            )
+        if self.subhalo_radius_min_frac >= self.subhalo_radius_max_frac:
+            raise ValueError(
+                f"subhalo_radius_min_frac: {self.subhalo_radius_min_frac} must be below "
+                f"subhalo_radius_max_frac ({self.subhalo_radius_max_frac})"
+            )
+        from scipy.stats import poisson
+
+        # The count is a Poisson draw clipped to the slots: the clip must (almost) never bite.
+        clipped = float(poisson.sf(self.n_subhalos_max, self.n_subhalos_mean))
+        if clipped > 1e-3:
+            raise ValueError(
+                f"n_subhalos_max: {self.n_subhalos_max} slots clip Poisson({self.n_subhalos_mean}) on "
+                f"{clipped:.1%} of the images; raise it to at least "
+                f"{int(poisson.isf(1e-3, self.n_subhalos_mean)) + 1}"
+            )
 
     @computed_field  # type: ignore[prop-decorator]
     @property

@@ -24,7 +24,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from lensmill.config import StorageConfig
+from lensmill.config import TASK_CLASSES, StorageConfig
 from lensmill.errors import RecordError
 from lensmill.storage import read_bytes, write_bytes
 
@@ -85,11 +85,16 @@ def read_record(uri: str, model: type[R], storage: StorageConfig) -> R:
 
 class SplitCounts(_Record):
     """Rows and classes of one split. Counts are read as written: whether they agree with each other
-    and with the files is ``lensmill validate``'s to report, not a reason to refuse the manifest."""
+    and with the files is ``lensmill validate``'s to report, not a reason to refuse the manifest.
+
+    ``positives``: rows whose label is not 0; ``negatives``: label 0. ``class_counts``: rows of each
+    class in label order (None in manifests written before classes: [negatives, positives]).
+    """
 
     rows: Count
     positives: Count
     negatives: Count | None = None
+    class_counts: tuple[Count, ...] | None = None
 
     @model_validator(mode="after")
     def _negatives(self) -> SplitCounts:
@@ -105,6 +110,7 @@ class ShardFile(_OpenRecord):
     split: str
     rows: Count | None = None
     positives: Count | None = None
+    class_counts: tuple[Count, ...] | None = None
     bytes: Count | None = None
     sha256: str | None = None
 
@@ -134,6 +140,8 @@ class DatasetManifest(_OpenRecord):
     bands: tuple[str, ...] | None = None
     pixel_scale_arcsec: float | None = None
     columns: tuple[str, ...] | None = None
+    # Class names in label order; None: the binary ("non-lens", "lens") of manifests before classes.
+    classes: tuple[str, ...] | None = None
     splits: dict[str, SplitCounts]
     files: tuple[ShardFile, ...]
     config: dict[str, Any] = Field(default_factory=dict)
@@ -143,6 +151,11 @@ class DatasetManifest(_OpenRecord):
     @property
     def total_rows(self) -> int:
         return sum(s.rows for s in self.splits.values())
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """``classes``, or the binary lens task's when the manifest does not say."""
+        return self.classes or TASK_CLASSES["lens"]
 
     def split_files(self, split: str) -> list[ShardFile]:
         """The files of one split, in manifest order."""

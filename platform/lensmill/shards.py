@@ -7,13 +7,14 @@ Layout under a dataset URI (``layout.dataset_uri``, unless ``cfg.dataset_uri`` i
 
 Each shard is rendered by one actor call, serialised in memory and written atomically, so a shard file
 is whole or absent. Rows are seeded per row (``simulate.row_rng``) and labelled per row id
-(``simulate.label_for``), so the bytes of a shard do not depend on worker or block counts, and a
+(``simulate.row_label``), so the bytes of a shard do not depend on worker or block counts, and a
 rerun renders only the shards that are missing: shards already present are checked (row count,
 embedded shard description) and kept.
 
 Columns: ``image`` (binary, float32 C-order bytes of C x H x W), ``label`` (int64), ``split``,
-``row_id`` (int64, within the split), ``seed`` (the config seed), then every ``PARAM_KEYS`` column
-(float64, NaN where a parameter does not apply).
+``row_id`` (int64, within the split), ``seed`` (the config seed), then every ``simulate.param_keys``
+column (float64, NaN where a parameter does not apply); the substructure task adds ``subhalos``, a
+list<struct<x_arcsec, y_arcsec, theta_e_arcsec>> of the point masses each image shows.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 import lensmill
@@ -45,7 +45,15 @@ from lensmill.records import (
     write_record,
 )
 from lensmill.runtime import actor_pool_options
-from lensmill.simulate import PARAM_KEYS, Simulator, label_for, n_positives, row_rng
+from lensmill.simulate import (
+    SUBHALO_FIELDS,
+    SUBHALOS_COLUMN,
+    Simulator,
+    class_counts,
+    param_keys,
+    row_label,
+    row_rng,
+)
 from lensmill.storage import (
     StorageError,
     absolute_uri,
@@ -130,19 +138,32 @@ def shard_specs(sim: SimConfig) -> list[dict[str, Any]]:
 # -- one shard ----------------------------------------------------------------------------------
 
 
+# The ``subhalos`` column's type: one struct of float64 per point mass shown.
+SUBHALOS_TYPE = pa.list_(pa.struct([(f, pa.float64()) for f in SUBHALO_FIELDS]))
+
+
+def columns_for(sim: SimConfig) -> tuple[str, ...]:
+    """The columns of a simulated dataset, in order."""
+    extra = (SUBHALOS_COLUMN,) if sim.task == "substructure" else ()
+    return ("image", "label", "split", "row_id", "seed", *param_keys(sim), *extra)
+
+
 def render_shard(simulator: Simulator, split: str, row_start: int, rows: int) -> pa.Table:
     """Render rows ``row_start .. row_start + rows - 1`` of a split into an Arrow table."""
     sim = simulator.sim
+    keys = simulator.param_keys
     # (rows, C, H, W) float32: each image is rendered into its slot, and the ``image`` column is a
     # zero-copy view of this one buffer (fixed-size rows: offsets 0, n, 2n, ...).
     images = np.empty((rows, *simulator.shape), np.float32)
     labels = np.empty(rows, np.int64)
-    params = np.empty((len(PARAM_KEYS), rows), np.float64)
+    params = np.empty((len(keys), rows), np.float64)
+    subhalos = []
     for i in range(rows):
         row_id = row_start + i
-        labels[i] = label_for(row_id, sim.positive_fraction)
-        images[i], p = simulator.render(row_rng(sim.seed, split, row_id), int(labels[i]))
-        params[:, i] = [p[k] for k in PARAM_KEYS]
+        labels[i] = row_label(sim, row_id)
+        images[i], system = simulator.render_system(row_rng(sim.seed, split, row_id), int(labels[i]))
+        params[:, i] = [system.params[k] for k in keys]
+        subhalos.append(system.subhalos)
     image_bytes = images[0].nbytes if rows else 0
     if images.nbytes >= 2**31:
         raise DatasetError(
@@ -159,7 +180,9 @@ def render_shard(simulator: Simulator, split: str, row_start: int, rows: int) ->
         "row_id": pa.array(np.arange(row_start, row_start + rows, dtype=np.int64)),
         "seed": pa.array(np.full(rows, sim.seed, np.int64)),
     }
-    columns |= {k: pa.array(params[j]) for j, k in enumerate(PARAM_KEYS)}
+    columns |= {k: pa.array(params[j]) for j, k in enumerate(keys)}
+    if sim.task == "substructure":
+        columns[SUBHALOS_COLUMN] = pa.array(subhalos, SUBHALOS_TYPE)
     return pa.table(columns)
 
 
@@ -187,12 +210,14 @@ def _shard_description(dataset_id: str, spec: dict[str, Any]) -> dict[str, Any]:
     return {"dataset_id": dataset_id, "format_version": SHARD_FORMAT_VERSION, **{k: spec[k] for k in keys}}
 
 
-def _label_sum(column: pa.ChunkedArray) -> int:
-    return int(pc.sum(column).as_py() or 0)
+def _class_counts(column: pa.ChunkedArray, n_classes: int) -> list[int]:
+    """Rows of each label 0..n_classes-1 in a ``label`` column."""
+    labels = column.to_numpy().astype(np.int64)
+    return np.bincount(labels, minlength=n_classes)[:n_classes].tolist()
 
 
-def _intact_shard(data: bytes, description: dict[str, Any]) -> int | None:
-    """Positives of an existing shard file when it is the shard described and reads back whole
+def _intact_shard(data: bytes, description: dict[str, Any], n_classes: int) -> list[int] | None:
+    """Class counts of an existing shard file when it is the shard described and reads back whole
     (footer, page checksums, row count), else None."""
     try:
         pf = pq.ParquetFile(pa.BufferReader(data), page_checksum_verification=True)
@@ -205,7 +230,7 @@ def _intact_shard(data: bytes, description: dict[str, Any]) -> int | None:
             or table.column("row_id")[0].as_py() != description["row_start"]
         ):
             return None
-        return _label_sum(table.column("label"))
+        return _class_counts(table.column("label"), n_classes)
     except (pa.ArrowException, ValueError, OSError, KeyError):
         return None
 
@@ -226,27 +251,31 @@ class ShardWriter:
         """Write (or keep, when intact) one shard; its manifest entry."""
         uri = shard_uri(self.dataset_uri, spec["path"])
         description = _shard_description(self.dataset_id, spec)
+        n_classes = len(self.sim.classes)
         if spec.get("exists"):
             data = read_bytes(uri, self.storage)
-            positives = _intact_shard(data, description)
-            if positives is not None:
-                return self._entry(spec, positives, data, rendered=False)
+            counts = _intact_shard(data, description, n_classes)
+            if counts is not None:
+                return self._entry(spec, counts, data, rendered=False)
             log.warning("shard %s is not the expected shard: rendering it again", uri)
         table = render_shard(self.simulator, spec["split"], spec["row_start"], spec["rows"])
         data = shard_to_bytes(table, description)
         write_bytes(uri, data, self.storage)
-        return self._entry(spec, _label_sum(table.column("label")), data, rendered=True)
+        return self._entry(spec, _class_counts(table.column("label"), n_classes), data, rendered=True)
 
     @staticmethod
     def _entry(
-        spec: dict[str, Any], positives: int, data: bytes | pa.Buffer, rendered: bool
+        spec: dict[str, Any], counts: list[int], data: bytes | pa.Buffer, rendered: bool
     ) -> dict[str, Any]:
         return {
             "path": spec["path"],
             "split": spec["split"],
             "index": int(spec["index"]),
             "rows": int(spec["rows"]),
-            "positives": int(positives),
+            # Rows whose label is not 0 (lenses; substructure: not no_sub), as readers before class
+            # counts expect.
+            "positives": int(spec["rows"]) - int(counts[0]),
+            "class_counts": [int(c) for c in counts],
             "bytes": len(data),
             "sha256": hashlib.sha256(data).hexdigest(),
             "rendered": rendered,
@@ -259,7 +288,10 @@ class ShardWriter:
 
 
 def _py(value: Any) -> Any:
-    """numpy scalars (as Ray Data hands them out) -> Python scalars (JSON, pydantic)."""
+    """numpy scalars and arrays (as Ray Data hands them out) -> Python scalars and lists (JSON,
+    pydantic)."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
     return value.item() if isinstance(value, np.generic) else value
 
 
@@ -320,12 +352,18 @@ def write_shards(cfg: Config) -> DatasetManifest:
 def _build_manifest(sim: SimConfig, dataset_id: str, entries: list[dict[str, Any]]) -> DatasetManifest:
     splits = {}
     for split in SPLITS:
-        rows = sum(e["rows"] for e in entries if e["split"] == split)
-        pos = sum(e["positives"] for e in entries if e["split"] == split)
-        if rows != split_rows(sim, split) or pos != n_positives(rows, sim.positive_fraction):
-            raise DatasetError(f"split {split}: {rows} rows / {pos} positives do not match the config")
-        splits[split] = SplitCounts(rows=rows, positives=pos)
-    keys = ("path", "split", "rows", "positives", "bytes", "sha256")
+        mine = [e for e in entries if e["split"] == split]
+        rows = sum(e["rows"] for e in mine)
+        counts = tuple(int(sum(c)) for c in zip(*(e["class_counts"] for e in mine), strict=True))
+        if rows != split_rows(sim, split) or counts != class_counts(sim, rows):
+            raise DatasetError(
+                f"split {split}: {rows} rows, class counts {list(counts)} "
+                f"({', '.join(sim.classes)}) do not match the config"
+            )
+        splits[split] = SplitCounts(
+            rows=rows, positives=rows - counts[0], negatives=counts[0], class_counts=counts
+        )
+    keys = ("path", "split", "rows", "positives", "class_counts", "bytes", "sha256")
     return DatasetManifest(
         dataset_id=dataset_id,
         source="simulate",
@@ -334,7 +372,8 @@ def _build_manifest(sim: SimConfig, dataset_id: str, entries: list[dict[str, Any
         image_unit="e-/s per pixel, sky subtracted",
         bands=tuple(sim.bands),
         pixel_scale_arcsec=sim.pixel_scale_arcsec,
-        columns=("image", "label", "split", "row_id", "seed", *PARAM_KEYS),
+        columns=columns_for(sim),
+        classes=sim.classes,
         splits=splits,
         files=tuple(ShardFile(**{k: e[k] for k in keys}) for e in entries),
         config=sim.identity(),

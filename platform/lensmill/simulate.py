@@ -22,6 +22,14 @@ Images are in e-/s per pixel, sky-subtracted, float32 (C, H, W), one channel per
 the parameter dict are AB in the reference band (``REFERENCE_BAND``); fluxes in e-/s are in the first
 band of ``SimConfig.bands``.
 
+With ``task: substructure`` (DeepLense "Model II" style) every image is a lens of the kind above, and the
+class is its dark-matter substructure: none (``no_sub``, label 0), a population of point-mass subhalos
+around the Einstein ring (``cdm``, 1), or a vortex: a line of equal point masses through the ring
+(``vortex``, 2). Every class draws both the subhalos and the vortex (after the lens, source, companions
+and seeing, before the noise), and shows at most one of them, so row k of each class has the same
+nuisances. The lens model holds a fixed number of ``POINT_MASS`` slots (zero mass when dark), so one
+``ImageModel`` serves every class.
+
 Everything random comes from the ``numpy.random.Generator`` passed in (lenstronomy's noise helpers use
 numpy's global state, so they are not used). Every distribution costs exactly one uniform draw, and
 both labels draw the same sequence, so the lens, companions, seeing and noise of row k line up between
@@ -38,8 +46,9 @@ import numpy as np
 from lenstronomy.SimulationAPI.observation_api import SingleBand
 from lenstronomy.SimulationAPI.sim_api import SimAPI
 from scipy import ndimage
+from scipy.stats import poisson
 
-from lensmill.config import Dist, SimConfig
+from lensmill.config import TASK_CLASSES, Dist, SimConfig
 
 # Magnitudes and colours are quoted in this band.
 REFERENCE_BAND = "r"
@@ -87,6 +96,26 @@ PARAM_UNITS: dict[str, str] = {
 }
 PARAM_KEYS: tuple[str, ...] = tuple(PARAM_UNITS)
 
+# The substructure task's extra columns (after ``PARAM_KEYS``). Mass fractions are of the main lens's
+# mass inside theta_E; a point mass's is (theta_E_sub / theta_E)^2. Subhalo keys are 0 / NaN on rows
+# without subhalos, vortex keys NaN on rows without a vortex. Each shown point mass is also in the
+# ``subhalos`` list column (``SUBHALO_FIELDS``).
+SUBSTRUCTURE_UNITS: dict[str, str] = {
+    "n_subhalos": "count",  # shown CDM subhalos
+    "subhalo_mass_fraction": "",  # their total
+    "subhalo_theta_e_max_arcsec": "arcsec",  # the heaviest one's Einstein radius
+    "n_vortex_masses": "count",
+    "vortex_mass_fraction": "",  # all the vortex's masses together
+    "vortex_length_arcsec": "arcsec",
+    "vortex_angle_rad": "rad",  # orientation of the line, [0, pi), from the x axis
+    "vortex_x_arcsec": "arcsec",  # centre of the line
+    "vortex_y_arcsec": "arcsec",
+}
+SUBSTRUCTURE_KEYS: tuple[str, ...] = tuple(SUBSTRUCTURE_UNITS)
+# Fields of one entry of the ``subhalos`` list column: position and Einstein radius of a point mass.
+SUBHALO_FIELDS: tuple[str, ...] = ("x_arcsec", "y_arcsec", "theta_e_arcsec")
+SUBHALOS_COLUMN = "subhalos"
+
 _SOURCE_KEYS = (
     "source_mag",
     "source_x_arcsec",
@@ -106,6 +135,11 @@ _PSF_TRUNCATION = 5.0
 # Cap on the interloper's half-light radius: a strongly magnified source would otherwise spread a
 # large part of its flux beyond the cutout, unlike the arc whose flux it copies.
 _MAX_INTERLOPER_R_ARCSEC = 1.5
+
+
+def param_keys(sim: SimConfig) -> tuple[str, ...]:
+    """The recorded parameters of a task, in column order."""
+    return PARAM_KEYS + (SUBSTRUCTURE_KEYS if sim.task == "substructure" else ())
 
 
 def row_rng(seed: int, split: str, row_id: int) -> np.random.Generator:
@@ -133,6 +167,23 @@ def label_for(row_id: int, positive_fraction: float) -> int:
     return n_positives(row_id + 1, positive_fraction) - n_positives(row_id, positive_fraction)
 
 
+def row_label(sim: SimConfig, row_id: int) -> int:
+    """Label of a row: ``label_for`` for the lens task; ``row_id % n_classes`` otherwise (classes
+    interleaved, so every shard holds the same mix)."""
+    if sim.task == "lens":
+        return label_for(row_id, sim.positive_fraction)
+    return row_id % len(sim.classes)
+
+
+def class_counts(sim: SimConfig, n_rows: int) -> tuple[int, ...]:
+    """Rows of each class among rows ``0..n_rows-1`` of a split, in label order."""
+    if sim.task == "lens":
+        pos = n_positives(n_rows, sim.positive_fraction)
+        return (n_rows - pos, pos)
+    k = len(TASK_CLASSES[sim.task])
+    return tuple((n_rows - c + k - 1) // k for c in range(k))
+
+
 def draw(rng: np.random.Generator, dist: Dist) -> float:
     """One sample of ``dist`` by inverse CDF: always exactly one uniform draw from ``rng``, whatever
     the kind, so changing one parameter's distribution does not shift the others' random streams."""
@@ -149,6 +200,14 @@ def _polar(rng: np.random.Generator, modulus: float) -> tuple[float, float]:
     return float(modulus * np.cos(2 * phi)), float(modulus * np.sin(2 * phi))
 
 
+def _power_law(q: float, lo: float, hi: float, slope: float) -> float:
+    """Inverse CDF at ``q`` of dN/dm ~ m^-slope on [lo, hi]."""
+    if slope == 1.0:
+        return lo * (hi / lo) ** q
+    a = 1.0 - slope
+    return (lo**a + q * (hi**a - lo**a)) ** (1.0 / a)
+
+
 def _ref_flux(mag: float) -> float:
     """Flux in reference units: the reference band at zero point 0 (bands rescale it)."""
     return 10.0 ** (-0.4 * mag)
@@ -160,6 +219,8 @@ class LensSystem:
 
     Light amplitudes are in reference units (``_ref_flux``); ``red`` / ``blue`` index the unlensed
     light components with lens / source colours, ``source_on`` the active source components.
+    ``lensed``: the source is shown (lens task: label 1; substructure task: always). ``subhalos``:
+    the point masses shown (``SUBHALO_FIELDS`` each), for the ``subhalos`` column.
     """
 
     label: int
@@ -171,13 +232,18 @@ class LensSystem:
     blue: list[int] = field(default_factory=list)
     source_on: list[int] = field(default_factory=list)
     psf_scale: float = 1.0
+    lensed: bool = False
+    subhalos: list[dict[str, float]] = field(default_factory=list)
 
 
 class Simulator:
-    """Renders lens / non-lens images for one ``SimConfig``; lenstronomy objects are built once."""
+    """Renders the images of one ``SimConfig``'s classes; lenstronomy objects are built once."""
 
     def __init__(self, sim: SimConfig) -> None:
         self.sim = sim
+        self.param_keys = param_keys(sim)
+        # Point-mass slots shared by the subhalos and the vortex (one class shows either).
+        self._mass_slots = max(sim.n_subhalos_max, sim.n_vortex_masses) if sim.task == "substructure" else 0
         n_bands = len(sim.bands)
         self.shape: tuple[int, int, int] = (n_bands, sim.image_size_px, sim.image_size_px)
         observing = [sim.observing[b] for b in sim.bands]
@@ -205,7 +271,8 @@ class Simulator:
         kwargs_model = {
             # lenstronomy's numba EPL: the same deflections as "EPL" (to 1e-15) at ~4x the speed; its
             # one-off compilation (~4 s) is cached on disk.
-            "lens_model_list": ["EPL_NUMBA" if sim.lens_mass_model == "EPL" else "SIE", "SHEAR"],
+            "lens_model_list": ["EPL_NUMBA" if sim.lens_mass_model == "EPL" else "SIE", "SHEAR"]
+            + ["POINT_MASS"] * self._mass_slots,
             "lens_light_model_list": light_list,
             "source_light_model_list": ["SERSIC_ELLIPSE"] + ["GAUSSIAN"] * sim.source_clumps_max,
         }
@@ -237,9 +304,10 @@ class Simulator:
         }
 
     def sample(self, rng: np.random.Generator, label: int) -> LensSystem:
-        """Draw one lens system. Both labels make the same draws (the source of a negative is drawn,
-        used for its interloper if any, and NaN'd in the record), so the random streams line up."""
-        p: dict[str, float] = dict.fromkeys(PARAM_KEYS, math.nan)
+        """Draw one lens system. Every label makes the same draws (the source of a negative is drawn,
+        used for its interloper if any, and NaN'd in the record; the substructure of every class is
+        drawn and shown for its class only), so the random streams line up."""
+        p: dict[str, float] = dict.fromkeys(self.param_keys, math.nan)
         kwargs_lens, light = self._sample_lens(rng, p)
         red = list(range(len(light)))
         blue: list[int] = []
@@ -252,10 +320,15 @@ class Simulator:
             angle = float(rng.uniform(0.0, 2 * np.pi))
         psf_scale = draw(rng, s.psf_fwhm_scale)
         p["psf_fwhm_arcsec"] = float(self._fwhm[0]) * psf_scale
-        system = LensSystem(label, p, kwargs_lens, light, kwargs_source, red, blue, source_on, psf_scale)
+        lensed = s.task == "substructure" or bool(label)
+        system = LensSystem(
+            label, p, kwargs_lens, light, kwargs_source, red, blue, source_on, psf_scale, lensed=lensed
+        )
         if s.hard_negatives:
-            self._add_interloper(system, offset, angle, clumps, show=not label)
-        if not label:
+            self._add_interloper(system, offset, angle, clumps, show=not lensed)
+        if s.task == "substructure":
+            self._add_substructure(rng, system)
+        if not lensed:
             for key in _SOURCE_KEYS:
                 p[key] = math.nan
         return system
@@ -402,6 +475,56 @@ class Simulator:
         p["interloper_r_sersic_arcsec"] = sr * scale
         p["interloper_flux_e_per_s"] = src_flux * mu * float(self._blue_scale[0])
 
+    def _add_substructure(self, rng: np.random.Generator, system: LensSystem) -> None:
+        """Subhalos and a vortex as ``POINT_MASS`` lens components, both drawn for every class (a fixed
+        stream length: 1 + 3 n_subhalos_max + 5 uniforms); the class shows the subhalos (cdm), the
+        vortex (vortex) or neither (no_sub). Dark slots get theta_E = 0: no deflection at all."""
+        s, p = self.sim, system.params
+        theta_e, lx, ly = p["theta_e_arcsec"], p["lens_x_arcsec"], p["lens_y_arcsec"]
+        n_sub = min(int(poisson.ppf(rng.random() + 2.0**-54, s.n_subhalos_mean)), s.n_subhalos_max)
+        r2_min, r2_max = s.subhalo_radius_min_frac**2, s.subhalo_radius_max_frac**2
+        m_min, m_max, slope = s.subhalo_mass_min_frac, s.subhalo_mass_max_frac, s.subhalo_mass_slope
+        subhalos = []  # (x, y, mass fraction) of every slot
+        for _ in range(s.n_subhalos_max):
+            # Uniform in area over the annulus around the lens centre.
+            r = theta_e * math.sqrt(r2_min + rng.random() * (r2_max - r2_min))
+            phi = 2 * math.pi * rng.random()
+            m = _power_law(rng.random(), m_min, m_max, slope)
+            subhalos.append((lx + r * math.cos(phi), ly + r * math.sin(phi), m))
+
+        offset = draw(rng, s.vortex_offset_frac) * theta_e
+        direction = 2 * math.pi * rng.random()
+        angle = math.pi * rng.random()
+        length = draw(rng, s.vortex_length_arcsec)
+        vortex_mass = draw(rng, s.vortex_mass_fraction)
+        vx, vy = lx + offset * math.cos(direction), ly + offset * math.sin(direction)
+        n_v = s.n_vortex_masses
+        # Evenly spaced along the segment, ends included: (n_v,) offsets from the centre in arcsec.
+        t = (np.arange(n_v) / (n_v - 1) - 0.5) * length
+        vortex = [(vx + ti * math.cos(angle), vy + ti * math.sin(angle), vortex_mass / n_v) for ti in t]
+
+        cls = s.classes[system.label]
+        shown = subhalos[:n_sub] if cls == "cdm" else vortex if cls == "vortex" else []
+        slots = [{"theta_E": theta_e * math.sqrt(m), "center_x": x, "center_y": y} for x, y, m in shown]
+        dark = self._mass_slots - len(shown)
+        slots += [{"theta_E": 0.0, "center_x": lx, "center_y": ly} for _ in range(dark)]
+        system.kwargs_lens += slots
+        system.subhalos = [
+            dict(zip(SUBHALO_FIELDS, (kw["center_x"], kw["center_y"], kw["theta_E"]), strict=True))
+            for kw in slots[: len(shown)]
+        ]
+        cdm = subhalos[:n_sub] if cls == "cdm" else []
+        p["n_subhalos"] = float(len(cdm))
+        p["subhalo_mass_fraction"] = float(sum(m for *_, m in cdm))
+        if cdm:
+            p["subhalo_theta_e_max_arcsec"] = theta_e * math.sqrt(max(m for *_, m in cdm))
+        if cls == "vortex":
+            p["n_vortex_masses"] = float(n_v)
+            p["vortex_mass_fraction"] = vortex_mass
+            p["vortex_length_arcsec"] = length
+            p["vortex_angle_rad"] = angle
+            p["vortex_x_arcsec"], p["vortex_y_arcsec"] = vx, vy
+
     def sample_params(self, rng: np.random.Generator, label: int) -> dict[str, float]:
         """The recorded parameters of one draw (NaN where a key does not apply; fluxes and S/N, which
         need the rendered image, are filled in by ``render``)."""
@@ -412,7 +535,7 @@ class Simulator:
         """Noise-free (unlensed light, lensed source) images, each float64 (C, H, W) in e-/s per pixel.
 
         Unlensed light is the lens galaxy, the companions and any interloper; the source image is all
-        zeros for a negative.
+        zeros for a negative (an image that is not ``lensed``).
         """
         m = self._model
         red = m.lens_surface_brightness(system.kwargs_light, unconvolved=True, k=system.red)
@@ -425,7 +548,7 @@ class Simulator:
             m.source_surface_brightness(
                 system.kwargs_source, system.kwargs_lens, unconvolved=True, k=system.source_on
             )
-            if system.label
+            if system.lensed
             else None
         )
         sigma_px = self._fwhm * system.psf_scale * _FWHM_TO_SIGMA / self.sim.pixel_scale_arcsec
@@ -466,17 +589,25 @@ class Simulator:
     def render(
         self, rng: np.random.Generator, label: int, *, noise: bool = True
     ) -> tuple[np.ndarray, dict[str, float]]:
-        """One image, float32 (C, H, W), and the dict of its parameters (keys: ``PARAM_KEYS``).
+        """One image, float32 (C, H, W), and the dict of its parameters (keys: ``self.param_keys``).
 
         ``noise=False`` returns the noise-free model (for previews and tests); the parameters and
         their random draws are the same either way.
         """
+        image, system = self.render_system(rng, label, noise=noise)
+        return image, {k: float(system.params[k]) for k in self.param_keys}
+
+    def render_system(
+        self, rng: np.random.Generator, label: int, *, noise: bool = True
+    ) -> tuple[np.ndarray, LensSystem]:
+        """``render``, returning the drawn system itself (parameters measured on the image filled in,
+        and its ``subhalos``)."""
         system = self.sample(rng, label)
         lens, source = self.render_components(system)
         model = lens + source
         var = self.variance(model)
         p = system.params
-        if label:
+        if system.lensed:
             arc_flux = float(source[0].sum())
             p["source_flux_e_per_s"] = arc_flux
             p["magnification"] = arc_flux / (_ref_flux(p["source_mag"]) * float(self._blue_scale[0]))
@@ -485,4 +616,4 @@ class Simulator:
             p["source_flux_e_per_s"] = 0.0
             p["arc_snr"] = 0.0
         image = self.add_noise(rng, model, var) if noise else model
-        return image.astype(np.float32), {k: float(p[k]) for k in PARAM_KEYS}
+        return image.astype(np.float32), system
