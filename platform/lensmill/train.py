@@ -601,8 +601,7 @@ def normalisation_of(per_chan: np.ndarray, stretch: str) -> Normalisation:
 
 def dataset_classes(manifest: DatasetManifest) -> tuple[str, ...]:
     """A dataset's class names in label order (lens finding's two when its manifest names none)."""
-    classes = getattr(manifest, "classes", None)
-    return tuple(classes) if classes else CLASS_NAMES
+    return tuple(manifest.class_names)
 
 
 def fits_in_memory(cfg: Config, manifest: DatasetManifest) -> bool:
