@@ -22,7 +22,16 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from lensmill.config import TASK_CLASSES, StorageConfig
 from lensmill.errors import RecordError
@@ -101,6 +110,14 @@ class SplitCounts(_Record):
         if self.negatives is None:  # optional for other tools: the rest of the rows
             object.__setattr__(self, "negatives", self.rows - self.positives)
         return self
+
+    @model_serializer(mode="wrap")
+    def _without_unknown_class_counts(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Counts without class counts (imports) serialise as before there were any.
+        data = handler(self)
+        if data.get("class_counts") is None:
+            data.pop("class_counts", None)
+        return data
 
 
 class ShardFile(_OpenRecord):

@@ -54,10 +54,11 @@ def test_write_then_read_back(written: tuple[Config, DatasetManifest]) -> None:
     assert manifest.dataset_id == dataset_id_for(cfg.sim)
     assert manifest.image_shape == (1, 32, 32)
     assert {s: c.model_dump() for s, c in manifest.splits.items()} == {
-        "train": {"rows": 40, "positives": 20, "negatives": 20},
-        "val": {"rows": 20, "positives": 10, "negatives": 10},
-        "test": {"rows": 20, "positives": 10, "negatives": 10},
+        "train": {"rows": 40, "positives": 20, "negatives": 20, "class_counts": (20, 20)},
+        "val": {"rows": 20, "positives": 10, "negatives": 10, "class_counts": (10, 10)},
+        "test": {"rows": 20, "positives": 10, "negatives": 10, "class_counts": (10, 10)},
     }
+    assert manifest.classes == ("non-lens", "lens")
     assert set(manifest.versions) >= {"lensmill", "lenstronomy", "ray", "pyarrow"}
     assert manifest.config["n_train"] == 40
     assert read_manifest(uri, cfg.storage) == manifest
