@@ -43,6 +43,7 @@ import pyarrow.parquet as pq
 
 from lensmill.config import ConfigError, StorageConfig
 from lensmill.layout import shard_uri
+from lensmill.metrics import roc_auc
 from lensmill.records import DatasetManifest, ShardFile
 from lensmill.shards import SPLITS, read_manifest
 from lensmill.simulate import SUBHALOS_COLUMN
@@ -111,19 +112,10 @@ def image_statistics(images: np.ndarray) -> dict[str, np.ndarray]:
         }
 
 
-def class_auc(labels: np.ndarray, proba: np.ndarray) -> float:
-    """ROC AUC of class probabilities ``proba`` (N, K): for K = 2 the binary AUC of class 1, above
-    the macro average of one-vs-rest AUCs."""
-    from sklearn.metrics import roc_auc_score
-
-    # Binary roc_auc_score wants the positive class's score only (its macro one-vs-rest is the same).
-    scores = proba[:, 1] if proba.shape[1] == 2 else proba
-    return float(roc_auc_score(labels, scores, multi_class="ovr", average="macro"))
-
-
 def shortcut_auc(features: np.ndarray, labels: np.ndarray, seed: int = 0, folds: int = 5) -> float:
-    """``class_auc`` of out-of-fold logistic-regression probabilities (standardised features,
-    stratified seeded folds). 0.5 = the features say nothing about the label."""
+    """``metrics.roc_auc`` (binary, or macro one-vs-rest for more classes) of out-of-fold
+    logistic-regression probabilities (standardised features, stratified seeded folds). 0.5 = the
+    features say nothing about the label."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
     from sklearn.pipeline import make_pipeline
@@ -132,7 +124,7 @@ def shortcut_auc(features: np.ndarray, labels: np.ndarray, seed: int = 0, folds:
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
     cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     proba = cross_val_predict(model, features, labels, cv=cv, method="predict_proba")
-    return class_auc(labels, proba)
+    return roc_auc(labels, proba)
 
 
 def _univariate_auc(x: np.ndarray, y: np.ndarray, n_classes: int) -> float:

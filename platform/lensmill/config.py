@@ -27,6 +27,7 @@ from pydantic import (
 )
 
 from lensmill.errors import ConfigError
+from lensmill.metrics import CLASS_NAMES
 
 
 def _absolute_local(uri: str) -> str:
@@ -281,7 +282,7 @@ class ActorPool(_Frozen):
 
 # Class names per simulation task, in label order.
 TASK_CLASSES: dict[str, tuple[str, ...]] = {
-    "lens": ("non-lens", "lens"),
+    "lens": CLASS_NAMES,
     "substructure": ("no_sub", "cdm", "vortex"),
 }
 

@@ -13,9 +13,10 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 import lensmill
-from lensmill.audit import class_auc, validate_dataset
+from lensmill.audit import validate_dataset
 from lensmill.config import SUBSTRUCTURE_FIELDS, ConfigError, SimConfig, StorageConfig, load_config
 from lensmill.layout import MANIFEST_FILE
+from lensmill.metrics import roc_auc as class_auc
 from lensmill.records import DatasetManifest, SplitCounts
 from lensmill.shards import (
     SUBHALOS_TYPE,
