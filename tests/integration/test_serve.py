@@ -399,3 +399,30 @@ def test_client_module(
     bad.write_text("hi")
     assert client.main(["--url", endpoint, str(bad)]) == 1
     assert "415" in capsys.readouterr().err
+
+
+def test_a_three_class_ensemble_answers_each_class_over_http(endpoint: str, tmp_path: Path) -> None:
+    """Last in the module: it replaces the module's application with a no_sub / cdm / vortex ensemble
+    on the same proxy (the module's teardown shuts Serve down)."""
+    from ray import serve
+
+    from lensmill.serve import APP_NAME, build_endpoint
+
+    classes = ("no_sub", "cdm", "vortex")
+    members = []
+    for i in range(2):
+        torch.manual_seed(20 + i)
+        members.append(Member(f"sub-{i}", LensClassifier("tiny", 1, [0.5], [2.0], classes=classes), 1.0))
+    reference = EnsemblePredictor(members, SHAPE, temperature=1.4)
+    model_dir = reference.save(tmp_path / "three")
+    cfg = load_config(None, [f"serve.port={endpoint.rsplit(':', 1)[1]}", "serve.cpus_per_replica=0.25"])
+    serve.run(build_endpoint(cfg, model_dir), name=APP_NAME, route_prefix="/")
+    with httpx.Client(base_url=endpoint, timeout=60.0) as http:
+        assert http.get("/v1/model").json()["classes"] == list(classes)
+        images = _images(4, seed=11)
+        body = http.post("/v1/predict", json={"npy_b64": base64.b64encode(_npy(images)).decode()}).json()
+    expected = reference.predict(images)
+    for row, probs, label in zip(body["predictions"], expected["probs"], expected["label"], strict=True):
+        assert "p_lens" not in row and row["class"] == classes[label] and row["label"] == label
+        assert [row["probabilities"][c] for c in classes] == pytest.approx(probs.tolist(), abs=1e-6)
+        assert set(row["members"]) == {"sub-0", "sub-1"} and set(row["members"]["sub-0"]) == set(classes)
