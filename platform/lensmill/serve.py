@@ -494,6 +494,8 @@ class LensEndpoint:
     @api.post(
         "/v1/predict",
         response_model=PredictResponse,
+        # p_lens is lens finding's alone: left out, not null, in a C-class model's answers.
+        response_model_exclude_none=True,
         openapi_extra=_PREDICT_BODY,
         responses=_ERROR_RESPONSES,
     )
