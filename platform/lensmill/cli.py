@@ -379,13 +379,23 @@ def bench_accuracy(
 
 
 @bench_app.command("representation")
-def bench_representation(config: ConfigPath = None, overrides: Overrides = None) -> None:
+def bench_representation(
+    config: ConfigPath = None,
+    overrides: Overrides = None,
+    rows: Annotated[
+        list[str] | None,
+        typer.Option("--row", help="A row to train (repeat; default all four), e.g. --row supervised."),
+    ] = None,
+    seeds: Annotated[
+        int, typer.Option(help="Runs per row (train.seed, +1, ...); means reported.", min=1)
+    ] = 1,
+) -> None:
     """Autoencoder + linear probe, supervised ResNet-18, multi-task, fine-tuned encoder: test accuracy
     and macro ROC AUC with intervals, and regression heads' errors, on one run (e.g. the substructure
     preset: --config jobs/configs/substructure.yaml)."""
     from lensmill.bench.representation import run_representation_bench
 
-    run_command(config, overrides, run_representation_bench)
+    run_command(config, overrides, lambda cfg: run_representation_bench(cfg, rows, seeds))
 
 
 @bench_app.command("train")

@@ -110,3 +110,51 @@ def test_the_resnet_autoencoder_initialises_a_plain_resnet18(tmp_path) -> None:
     torch.testing.assert_close(plain.features(x), ae.features(x))
     with pytest.raises(Exception, match="no pooled features"):
         LensClassifier("tiny", 1, [0.0], [1.0]).features(x)
+
+
+def test_bench_representation_rows_are_checked_and_kept_in_table_order() -> None:
+    from lensmill.bench.representation import ROWS, plan_rows
+
+    assert plan_rows(None) == list(ROWS)
+    assert plan_rows(["multi-task", "supervised"]) == ["supervised", "multi-task"]
+    with pytest.raises(ConfigError, match="multitask.*rows are"):
+        plan_rows(["multitask"])
+    with pytest.raises(ConfigError, match="autoencoder"):
+        plan_rows(["fine-tuned encoder"])
+
+
+def test_bench_representation_means_each_row_over_its_seeds() -> None:
+    from lensmill.bench.representation import mean_rows
+
+    def row(name: str, seed: int, acc: float, auc: float, rmse: float) -> dict:
+        return {"name": name, "seed": seed, "accuracy": acc, "accuracy_ci95": [acc - 0.01, acc + 0.01],
+                "macro_roc_auc": auc, "macro_roc_auc_ci95": [auc - 0.01, auc + 0.01],
+                "regression": {"theta_e_arcsec": {"rmse": rmse, "rmse_ci95": [rmse, rmse]}}}  # fmt: skip
+
+    runs = [
+        [row("supervised", 0, 0.90, 0.98, 0.08), row("multi-task", 0, 0.92, 0.99, 0.06)],
+        [row("multi-task", 1, 0.94, 0.97, 0.04), row("supervised", 1, 0.80, 0.96, 0.10)],
+    ]
+    sup, multi = mean_rows(runs)
+    assert sup["name"] == "supervised" and sup["seeds"] == [0, 1]
+    assert sup["accuracy"] == pytest.approx(0.85) and sup["accuracy_per_seed"] == [0.90, 0.80]
+    assert sup["accuracy_sd"] == pytest.approx(np.std([0.90, 0.80], ddof=1))
+    assert multi["macro_roc_auc"] == pytest.approx(0.98) and multi["macro_roc_auc_per_seed"] == [0.99, 0.97]
+    assert multi["regression"]["theta_e_arcsec"]["rmse"] == pytest.approx(0.05)
+    assert runs[0][1]["macro_roc_auc"] == 0.99  # the seeds' own rows are left as they were
+    (one,) = mean_rows([[row("supervised", 3, 0.5, 0.6, 0.1)]])
+    assert one["accuracy_sd"] == 0.0 and one["accuracy"] == 0.5
+
+
+def test_bench_representation_table_gives_intervals_for_one_seed_and_spreads_for_several() -> None:
+    from lensmill.bench.representation import mean_rows, representation_markdown
+
+    def row(seed: int, auc: float) -> dict:
+        return {"name": "supervised", "seed": seed, "accuracy": 0.9, "accuracy_ci95": [0.88, 0.92],
+                "macro_roc_auc": auc, "macro_roc_auc_ci95": [auc - 0.01, auc + 0.01],
+                "regression": {}}  # fmt: skip
+
+    assert "0.900 [0.880, 0.920] | 0.950 [0.940, 0.960] | n/a" in representation_markdown(
+        mean_rows([[row(0, 0.95)]])
+    )
+    assert "| 0.960 ± 0.014 |" in representation_markdown(mean_rows([[row(0, 0.95)], [row(1, 0.97)]]))

@@ -29,6 +29,7 @@ import numpy as np
 
 from lensmill.bench import machine, today, versions
 from lensmill.config import Config
+from lensmill.errors import ConfigError
 from lensmill.evaluate import class_evaluation
 from lensmill.models import load_classifier
 from lensmill.predict import EnsemblePredictor, Member
@@ -102,14 +103,20 @@ def _row(
 
 
 def representation_markdown(rows: list[dict[str, Any]]) -> str:
-    """The comparison as the README's Markdown table."""
+    """The comparison as the README's Markdown table: each figure with its 95% bootstrap interval, or
+    over several seeds their mean ± standard deviation."""
 
-    def ci(value: float, bounds: list[float | None]) -> str:
+    def ci(value: float, bounds: list[float | None], per_seed: list[float] | None = None) -> str:
+        if per_seed and len(per_seed) > 1:  # a mean over seeds: its spread, not one seed's interval
+            return f"{value:.3f} ± {np.std(per_seed, ddof=1):.3f}"
         return f"{value:.3f} [{bounds[0]:.3f}, {bounds[1]:.3f}]" if bounds[0] is not None else f"{value:.3f}"
+
+    def fig(row: dict[str, Any], key: str) -> str:
+        return ci(row[key], row[f"{key}_ci95"], row.get(f"{key}_per_seed"))
 
     def rmse(row: dict[str, Any], target: str) -> str:
         r = row["regression"].get(target)
-        return ci(r["rmse"], r["rmse_ci95"]) if r else "n/a"
+        return ci(r["rmse"], r["rmse_ci95"], r.get("rmse_per_seed")) if r else "n/a"
 
     lines = [
         "| model | accuracy | macro ROC AUC | θE RMSE [arcsec] | subhalo mass fraction RMSE |",
@@ -117,39 +124,96 @@ def representation_markdown(rows: list[dict[str, Any]]) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {r['name']} | {ci(r['accuracy'], r['accuracy_ci95'])} | "
-            f"{ci(r['macro_roc_auc'], r['macro_roc_auc_ci95'])} | {rmse(r, 'theta_e_arcsec')} | "
-            f"{rmse(r, 'subhalo_mass_fraction')} |"
+            f"| {r['name']} | {fig(r, 'accuracy')} | {fig(r, 'macro_roc_auc')} | "
+            f"{rmse(r, 'theta_e_arcsec')} | {rmse(r, 'subhalo_mass_fraction')} |"
         )
     return "\n".join(lines) + "\n"
 
 
-def run_representation_bench(cfg: Config) -> dict[str, Any]:
-    """Simulate ``cfg``'s dataset when missing, train the four networks, score them on test (see the
-    module docstring); JSON-ready, with the Markdown table. Needs Ray (the CLI starts it)."""
+def plan_rows(names: list[str] | None) -> list[str]:
+    """The rows to train, in the table's order (default all); the fine-tuned encoder needs the
+    autoencoder's row. Unknown names are refused with the known ones."""
+    if not names:
+        return list(ROWS)
+    unknown = [n for n in names if n not in ROWS]
+    if unknown:
+        raise ConfigError(f"--row: unknown row(s) {unknown}; rows are {list(ROWS)}")
+    if "fine-tuned encoder" in names and "autoencoder + linear probe" not in names:
+        raise ConfigError(
+            "--row 'fine-tuned encoder' starts from the autoencoder's encoder: "
+            "add --row 'autoencoder + linear probe'"
+        )
+    return [n for n in ROWS if n in names]
+
+
+def mean_rows(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One row per name over the seeds' runs (each a list of rows): the mean of each figure, the
+    per-seed values beside it, and the spread (standard deviation over seeds; 0 for one seed). The
+    intervals kept are the first seed's (a bootstrap interval does not average)."""
+    means = []
+    for first in runs[0]:
+        same = [next(r for r in run if r["name"] == first["name"]) for run in runs]
+        row = {**first, "seeds": [r["seed"] for r in same]}
+        for key in ("accuracy", "macro_roc_auc"):
+            values = [r[key] for r in same]
+            row[key], row[f"{key}_per_seed"] = float(np.mean(values)), values
+            row[f"{key}_sd"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+        for target in first["regression"]:
+            values = [r["regression"][target]["rmse"] for r in same]
+            row["regression"] = {**row["regression"], target: {**first["regression"][target],
+                                 "rmse": float(np.mean(values)), "rmse_per_seed": values}}  # fmt: skip
+        means.append(row)
+    return means
+
+
+def run_representation_bench(cfg: Config, rows: list[str] | None = None, seeds: int = 1) -> dict[str, Any]:
+    """Simulate ``cfg``'s dataset when missing, train the networks of ``rows`` (default all four) with
+    ``seeds`` seeds each (``train.seed`` + 0, 1, ...: initialisation and data order), score them on
+    test (see the module docstring); JSON-ready, with the Markdown table of the means over seeds.
+    Needs Ray (the CLI starts it)."""
+    names = plan_rows(rows)
     write_shards(cfg)
     dataset_uri = dataset_uri_for(cfg)
     manifest = read_manifest(dataset_uri, cfg.storage)
     data = {s: load_split(dataset_uri, s, cfg.storage) for s in ("train", "test")}
-    summaries: dict[str, Any] = {}
-    for name, (model, objective, from_encoder) in ROWS.items():
-        pretrained = summaries["autoencoder + linear probe"].encoder_uri if from_encoder else None
-        log.info("bench representation: %s (%s, objective %s)", name, model, objective)
-        summaries[name] = _train(cfg, model, objective, pretrained)
-    rows = [_row(name, summaries[name], cfg, data, probe=ROWS[name][1] == "reconstruct") for name in ROWS]
-    by = {r["name"]: r for r in rows}
+    runs = []
+    for k in range(seeds):
+        seeded = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": cfg.train.seed + k})})
+        summaries: dict[str, Any] = {}
+        for name in names:
+            model, objective, from_encoder = ROWS[name]
+            pretrained = summaries["autoencoder + linear probe"].encoder_uri if from_encoder else None
+            log.info("bench representation: %s (%s, objective %s), seed %d", name, model, objective,
+                     seeded.train.seed)  # fmt: skip
+            summaries[name] = _train(seeded, model, objective, pretrained)
+        runs.append([
+            _row(name, summaries[name], seeded, data, probe=ROWS[name][1] == "reconstruct")
+            | {"seed": seeded.train.seed}
+            for name in names
+        ])  # fmt: skip
+    table = mean_rows(runs)
+    by = {r["name"]: r for r in table}
+    gap = None
+    if {"multi-task", "supervised"} <= set(by):
+        gap = {key: [round(m - s, 4) for m, s in zip(by["multi-task"][f"{key}_per_seed"],
+                                                      by["supervised"][f"{key}_per_seed"], strict=True)]
+               for key in ("macro_roc_auc", "accuracy")}  # fmt: skip
     return {
         "bench": "representation",
         "dataset_id": manifest.dataset_id,
         "classes": list(getattr(manifest, "classes", None) or ()),
         "splits": manifest.splits,
         "epochs": cfg.train.epochs,
+        "seeds": seeds,
         "reconstruction_weight": cfg.train.reconstruction_weight,
-        "rows": rows,
-        "multitask_minus_supervised_macro_auc": round(
-            by["multi-task"]["macro_roc_auc"] - by["supervised"]["macro_roc_auc"], 4
-        ),
-        "markdown": representation_markdown(rows),
+        "rows": table,
+        "runs": runs,
+        # multi-task minus supervised, per seed (paired: same seed, same data order), and the mean.
+        "multitask_minus_supervised": gap,
+        "multitask_minus_supervised_macro_auc": round(float(np.mean(gap["macro_roc_auc"])), 4)
+        if gap
+        else None,
+        "markdown": representation_markdown(table),
         "machine": machine(),
         "versions": versions(),
         "date": today(),
