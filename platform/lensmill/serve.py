@@ -540,6 +540,28 @@ def deployment_options(s: ServeConfig) -> dict[str, Any]:
     }
 
 
+def ingress_env(s: ServeConfig) -> dict[str, str]:
+    """Environment of Serve's controller for ``serve.ingress`` (its proxies and replicas inherit it):
+    none for Serve's Python proxy; for HAProxy, Serve's HAProxy ingress with its throughput-optimised
+    settings (replicas serve HTTP themselves, user code on the replica's event loop), its stats and
+    metrics ports, and its files in a folder of this endpoint's port (Serve's default, one folder for
+    the machine, would be shared by two endpoints)."""
+    if s.ingress == "proxy":
+        return {}
+    state = Path(tempfile.gettempdir()) / f"lensmill-haproxy-{s.port}"
+    return {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(s.haproxy_stats_port),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(s.haproxy_metrics_port),
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(state / "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(state / "admin.sock"),
+        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(state / "metrics.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(state),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(state / "server-state"),
+    }
+
+
 def build_endpoint(cfg: Config, model_dir: str | Path | None = None) -> Application:
     """The Serve application for ``cfg``: replicas, CPUs and batching from ``cfg.serve``."""
     local_dir = None
@@ -626,8 +648,11 @@ def start_endpoint(
 
     if not ray.is_initialized():
         raise RuntimeError("start_endpoint needs a running Ray: call ray.init(...) first")
+    env = ingress_env(cfg.serve)
     serve.start(
-        proxy_location=cfg.serve.proxy_location, http_options={"host": cfg.serve.host, "port": cfg.serve.port}
+        proxy_location=cfg.serve.proxy_location,
+        http_options={"host": cfg.serve.host, "port": cfg.serve.port},
+        controller_options={"runtime_env": {"env_vars": env}} if env else None,
     )
     _check_proxy_matches(cfg)
     serve.run(build_endpoint(cfg, model_dir), name=APP_NAME, route_prefix="/")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -56,3 +57,36 @@ def test_sigterm_stops_the_server_cleanly_with_exit_code_0(
     assert json.loads(out.strip().splitlines()[-1])["stopped"] is True
     assert "SIGTERM received" not in stderr and "Traceback" not in stderr
     assert stderr.count("shutting Serve down") == 1
+
+
+def _own_network_namespace() -> bool:
+    """Whether this process may run commands in a network namespace of their own (root, unshare)."""
+    if shutil.which("unshare") is None or shutil.which("ip") is None:
+        return False
+    return subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _own_network_namespace(), reason="needs `unshare -n` (root) for HAProxy's ports")
+def test_haproxy_ingress_answers_like_the_proxy_and_stops_cleanly(tmp_path: Path) -> None:
+    """serve.ingress=haproxy: Serve's HAProxy in front of replicas that serve HTTP themselves. The
+    command runs with its own local Ray inside a network namespace with nothing but loopback, since
+    HAProxy opens its stats and metrics ports on all interfaces (tests keep servers on loopback)."""
+    helper = Path(__file__).with_name("haproxy_session.py")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    run = subprocess.run(
+        ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$0" "$1" "$2"',
+         sys.executable, str(helper), str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=400,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    seen = json.loads(run.stdout.strip().splitlines()[-1])
+    tail = seen.get("stderr_tail", "")
+    assert seen["healthz"] == 200 and seen["haproxy_stats"] == 200, tail
+    assert seen["no_key"][0] == 401 and "API key" in seen["no_key"][1]["error"]
+    assert seen["predict_status"] == 200
+    assert seen["p_lens"] == pytest.approx(seen["expected_p_lens"], abs=1e-6)
+    assert seen["malformed"][0] == 400 and "not valid JSON" in seen["malformed"][1]["error"]
+    assert seen["chunked_over_limit"][0] == 413 and "exceeds" in seen["chunked_over_limit"][1]["error"]
+    assert seen["healthz_after"] == 200
+    assert seen["returncode"] == 0 and seen["last_line"]["stopped"] is True, tail
+    assert seen["shutting_down_lines"] == 1 and not seen["traceback"], tail

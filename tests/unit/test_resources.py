@@ -8,7 +8,7 @@ import pytest
 from lensmill.config import ConfigError, load_config
 from lensmill.models import LensClassifier
 from lensmill.predict import EnsemblePredictor, Member
-from lensmill.serve import build_endpoint, deployment_options
+from lensmill.serve import build_endpoint, deployment_options, ingress_env
 
 
 def test_serve_replicas_fixed_or_autoscaled() -> None:
@@ -32,6 +32,21 @@ def test_serve_replicas_fixed_or_autoscaled() -> None:
     assert (auto.min_replicas, auto.max_replicas, auto.target_ongoing_requests) == (0, 6, 4.0)
     with pytest.raises(ConfigError, match="serve.autoscaling"):
         load_config(None, ["serve.autoscaling={min_replicas: 5, max_replicas: 2}"])
+
+
+def test_serve_ingress_sets_the_controllers_environment() -> None:
+    assert ingress_env(load_config(None, []).serve) == {}  # Serve's Python proxy: nothing to set
+    s = load_config(None, ["serve.ingress=haproxy", "serve.port=8123", "serve.haproxy_stats_port=18404",
+                           "serve.haproxy_metrics_port=19101"]).serve  # fmt: skip
+    env = ingress_env(s)
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+    assert (env["RAY_SERVE_HAPROXY_STATS_PORT"], env["RAY_SERVE_HAPROXY_METRICS_PORT"]) == ("18404", "19101")
+    # Its files in a folder of this endpoint's port, not Serve's one folder for the machine.
+    paths = [v for k, v in env.items() if k.endswith(("_LOC", "_PATH", "_BASE", "_FILE"))]
+    assert len(paths) == 5 and all("lensmill-haproxy-8123" in v for v in paths)
+    assert ingress_env(load_config(None, ["serve.ingress=haproxy", "serve.port=8124"]).serve) != env
+    with pytest.raises(ConfigError, match="serve.ingress"):
+        load_config(None, ["serve.ingress=nginx"])
 
 
 def test_scoring_pool_bounds() -> None:

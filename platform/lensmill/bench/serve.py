@@ -235,6 +235,7 @@ def run_serve_bench(
         "baseline_drift": drift,
         "platform": platform,
         "serve": {
+            "ingress": s.ingress,
             "num_replicas": s.num_replicas,
             "autoscaling": s.autoscaling.model_dump() if s.autoscaling else None,
             "cpus_per_replica": s.cpus_per_replica,
