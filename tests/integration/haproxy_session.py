@@ -51,7 +51,9 @@ def main(work: Path) -> dict:
     cmd = [str(Path(sys.executable).parent / "lensmill"), "serve", "--model-dir", str(model_dir),
            "serve.ingress=haproxy", f"serve.port={port}", "serve.cpus_per_replica=0.25",
            f"serve.api_key_env={KEY_ENV}", "ray.num_cpus=2"]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {KEY_ENV: KEY}
+    # A Ray of its own in the namespace: "local" keeps ray.init from joining a head that `ray start`
+    # left on the machine (it finds one through the process table, unreachable from here).
+    env = os.environ | {"RAY_ADDRESS": "local", KEY_ENV: KEY}
     err_path = work / "serve-stderr.txt"
     seen: dict = {}
     with open(err_path, "w") as err:
