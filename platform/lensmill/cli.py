@@ -393,9 +393,15 @@ def bench_representation(
     """Autoencoder + linear probe, supervised ResNet-18, multi-task, fine-tuned encoder: test accuracy
     and macro ROC AUC with intervals, and regression heads' errors, on one run (e.g. the substructure
     preset: --config jobs/configs/substructure.yaml)."""
-    from lensmill.bench.representation import run_representation_bench
+    from lensmill.bench.representation import plan_rows, run_representation_bench
+    from lensmill.runtime import ray_connection
 
-    run_command(config, overrides, lambda cfg: run_representation_bench(cfg, rows, seeds))
+    def fn(cfg: Config) -> dict[str, Any]:
+        names = plan_rows(rows)  # a misspelt row fails before Ray starts
+        with ray_connection(cfg):
+            return run_representation_bench(cfg, names, seeds)
+
+    run_command(config, overrides, fn, ray=False)
 
 
 @bench_app.command("train")

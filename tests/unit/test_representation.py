@@ -158,3 +158,13 @@ def test_bench_representation_table_gives_intervals_for_one_seed_and_spreads_for
         mean_rows([[row(0, 0.95)]])
     )
     assert "| 0.960 ± 0.014 |" in representation_markdown(mean_rows([[row(0, 0.95)], [row(1, 0.97)]]))
+
+
+def test_bench_representation_refuses_an_unknown_row_before_ray_starts() -> None:
+    from typer.testing import CliRunner
+
+    from lensmill.cli import app
+
+    result = CliRunner().invoke(app, ["bench", "representation", "--row", "multitask"])
+    assert result.exit_code == 2
+    assert "--row: unknown row(s) ['multitask']" in result.output and "Traceback" not in result.output
