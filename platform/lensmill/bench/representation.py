@@ -106,17 +106,15 @@ def representation_markdown(rows: list[dict[str, Any]]) -> str:
     """The comparison as the README's Markdown table: each figure with its 95% bootstrap interval, or
     over several seeds their mean ± standard deviation."""
 
-    def ci(value: float, bounds: list[float | None], per_seed: list[float] | None = None) -> str:
-        if per_seed and len(per_seed) > 1:  # a mean over seeds: its spread, not one seed's interval
-            return f"{value:.3f} ± {np.std(per_seed, ddof=1):.3f}"
+    def ci(figures: dict[str, Any], key: str) -> str:
+        value, bounds = figures[key], figures[f"{key}_ci95"]
+        if len(figures.get(f"{key}_per_seed", ())) > 1:  # a mean over seeds: its spread, not one interval
+            return f"{value:.3f} ± {figures[f'{key}_sd']:.3f}"
         return f"{value:.3f} [{bounds[0]:.3f}, {bounds[1]:.3f}]" if bounds[0] is not None else f"{value:.3f}"
-
-    def fig(row: dict[str, Any], key: str) -> str:
-        return ci(row[key], row[f"{key}_ci95"], row.get(f"{key}_per_seed"))
 
     def rmse(row: dict[str, Any], target: str) -> str:
         r = row["regression"].get(target)
-        return ci(r["rmse"], r["rmse_ci95"], r.get("rmse_per_seed")) if r else "n/a"
+        return ci(r, "rmse") if r else "n/a"
 
     lines = [
         "| model | accuracy | macro ROC AUC | θE RMSE [arcsec] | subhalo mass fraction RMSE |",
@@ -124,7 +122,7 @@ def representation_markdown(rows: list[dict[str, Any]]) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {r['name']} | {fig(r, 'accuracy')} | {fig(r, 'macro_roc_auc')} | "
+            f"| {r['name']} | {ci(r, 'accuracy')} | {ci(r, 'macro_roc_auc')} | "
             f"{rmse(r, 'theta_e_arcsec')} | {rmse(r, 'subhalo_mass_fraction')} |"
         )
     return "\n".join(lines) + "\n"
@@ -146,6 +144,12 @@ def plan_rows(names: list[str] | None) -> list[str]:
     return [n for n in ROWS if n in names]
 
 
+def _seed_mean(key: str, values: list[float]) -> dict[str, Any]:
+    """A figure's mean over seeds, its per-seed values and their standard deviation (0 for one seed)."""
+    sd = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    return {key: float(np.mean(values)), f"{key}_per_seed": values, f"{key}_sd": sd}
+
+
 def mean_rows(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """One row per name over the seeds' runs (each a list of rows): the mean of each figure, the
     per-seed values beside it, and the spread (standard deviation over seeds; 0 for one seed). The
@@ -155,13 +159,11 @@ def mean_rows(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
         same = [next(r for r in run if r["name"] == first["name"]) for run in runs]
         row = {**first, "seeds": [r["seed"] for r in same]}
         for key in ("accuracy", "macro_roc_auc"):
-            values = [r[key] for r in same]
-            row[key], row[f"{key}_per_seed"] = float(np.mean(values)), values
-            row[f"{key}_sd"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+            row.update(_seed_mean(key, [r[key] for r in same]))
         for target in first["regression"]:
             values = [r["regression"][target]["rmse"] for r in same]
             row["regression"] = {**row["regression"], target: {**first["regression"][target],
-                                 "rmse": float(np.mean(values)), "rmse_per_seed": values}}  # fmt: skip
+                                 **_seed_mean("rmse", values)}}  # fmt: skip
         means.append(row)
     return means
 
